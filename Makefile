@@ -1,0 +1,36 @@
+# Quickstart: `make demo` trains a tiny AMOS model on the embedded corpus; `make test`
+# runs the suite. Both create .venv with the pinned dependencies on first use.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_DIR ?= runs/demo
+
+.PHONY: demo test install install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# The stamps re-run the install whenever setup.py changes.
+$(VENV)/.installed: setup.py | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+# torch comes first and pinned (a CPU build): later packages that depend on it then
+# find it satisfied instead of pulling a CUDA build.
+$(VENV)/.installed-test: setup.py | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(VENV)/.installed $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	$(BIN)/amos-train --config configs/demo.py --workdir $(DEMO_DIR)
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,44 @@
+"""amos_jax: encoder pretraining (AMOS, ELECTRA, MLM) and embedding training in JAX/Flax."""
+from setuptools import find_packages, setup
+
+# Pinned: a fresh machine installs exactly the set the test suite ran against.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "ml-collections==1.1.0",
+    "absl-py==2.5.1",
+    "sentencepiece==0.2.3",
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "safetensors==0.8.0",
+    "numpy==2.4.6",
+    "tensorboardX==2.6.5",
+    "tqdm==4.70.1",
+    # Ships the embedded demo corpus (a Wikipedia sample and news articles).
+    "gensim==4.4.0",
+]
+
+EXTRAS = {
+    "test": [
+        "pytest==9.2.0",
+        "pytest-xdist==3.8.0",
+    ],
+}
+
+setup(
+    name="amos_jax",
+    version="0.1.0",
+    description=__doc__,
+    packages=find_packages(include=["amos_jax", "amos_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "amos-train=amos_jax.cli:train_main",
+        ],
+    },
+)
