@@ -25,6 +25,9 @@ EXTRAS = {
     "test": [
         "pytest==9.2.0",
         "pytest-xdist==3.8.0",
+        # TPU topologies on a CPU-only machine, for ahead-of-time compiles of pod
+        # steps; the version jax==0.10.2's own `tpu` extra asks for.
+        "libtpu==0.0.42.1",
     ],
 }
 
