@@ -1,0 +1,60 @@
+"""Multi-head self-attention through `jax.nn.dot_product_attention`.
+
+The backend is chosen by config (`model.attention_impl`: None lets XLA pick, 'xla',
+or 'cudnn' for the fused GPU kernel). Attention-probability dropout has no fused
+form, so when it is active (training with `attention_dropout > 0`) the probabilities
+are computed explicitly.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def segment_attention_mask(segment_ids: jax.Array) -> jax.Array:
+  """(B, T) segment ids (0 = padding) -> (B, 1, T, T) bool: attend within a segment.
+
+  Packed rows hold several documents; attention never crosses a document boundary.
+  Padding queries attend to nothing real, so they are given themselves (no NaNs).
+  """
+  same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+  real = (segment_ids > 0)[:, None, None, :]
+  eye = jnp.eye(segment_ids.shape[1], dtype=bool)[None, None]
+  return (same & real) | (eye & (segment_ids == 0)[:, None, :, None])
+
+
+def relative_position_buckets(q_len: int, k_len: int, num_buckets: int,
+                              max_distance: int) -> jax.Array:
+  """T5-style bidirectional buckets of (key - query) offsets: (q_len, k_len) int32."""
+  rel = jnp.arange(k_len)[None, :] - jnp.arange(q_len)[:, None]
+  half = num_buckets // 2
+  bucket = (rel > 0).astype(jnp.int32) * half
+  n = jnp.abs(rel)
+  max_exact = half // 2
+  is_small = n < max_exact
+  large = max_exact + (
+      jnp.log(jnp.maximum(n, 1) / max_exact) / math.log(max_distance / max_exact)
+      * (half - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, half - 1)
+  return bucket + jnp.where(is_small, n, large)
+
+
+def dot_product_attention(q, k, v, mask, bias=None, *, dropout_rate=0.0,
+                          dropout_rng=None, implementation=None):
+  """q, k, v: (B, T, N, Dh); mask: (B, 1, T, T) bool; bias: (1|B, N, T, T) -> (B, T, N, Dh)."""
+  if dropout_rng is not None and dropout_rate > 0.0:
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = jnp.einsum("btnd,bsnd->bnts", q, k).astype(jnp.float32) * scale
+    if bias is not None:
+      logits = logits + bias
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
+    return jnp.einsum("bnts,bsnd->btnd", probs, v)
+  if bias is not None:
+    bias = bias.astype(q.dtype)
+  return jax.nn.dot_product_attention(
+      q, k, v, bias=bias, mask=mask, implementation=implementation)

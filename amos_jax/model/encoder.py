@@ -1,0 +1,267 @@
+"""The BERT/ELECTRA post-LayerNorm Transformer encoder as Flax NNX modules.
+
+Attribute paths mirror Hugging Face `BertModel` / `ElectraModel` one to one
+(`embeddings.word_embeddings`, `encoder.layer.N.attention.self.query`, ...), so
+export and import are a renaming plus kernel transposes (see `amos_jax/hf/names.py`).
+Parameters are float32; activations use `EncoderConfig.dtype` (e.g. bfloat16).
+Dropout keys are explicit call arguments (None = deterministic), which keeps the
+train step a pure function and lets GradCache replay the exact same dropout.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from amos_jax.model.attention import (dot_product_attention, relative_position_buckets,
+                                      segment_attention_mask)
+from amos_jax.model.partitioning import constrain, with_logical_axes
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  vocab_size: int = 30522
+  hidden_size: int = 256
+  num_layers: int = 12
+  num_heads: int = 4
+  intermediate_size: int = 1024
+  embedding_size: int | None = None  # None: same as hidden_size (no factorization)
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  layer_norm_eps: float = 1e-12
+  initializer_range: float = 0.02
+  dtype: str = "float32"             # compute dtype; parameters stay float32
+  attention_impl: str | None = None  # None (XLA picks) | 'xla' | 'cudnn'
+  relative_attention_buckets: int = 0  # 0: off; else T5 bias (not HF-exportable)
+  relative_attention_max_distance: int = 128
+  remat: bool = False                # rematerialize each layer in the backward pass
+
+  @property
+  def embed_size(self) -> int:
+    return self.embedding_size or self.hidden_size
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @classmethod
+  def from_config(cls, cfg) -> "EncoderConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dict(cfg).items() if k in names})
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _split(rng, n):
+  return (None,) * n if rng is None else tuple(jax.random.split(rng, n))
+
+
+def dense(cfg: EncoderConfig, d_in: int, d_out: int, axes, rngs: nnx.Rngs,
+          use_bias: bool = True) -> nnx.Linear:
+  init = nnx.initializers.normal(cfg.initializer_range)
+  return nnx.Linear(
+      d_in, d_out, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+      kernel_init=with_logical_axes(init, axes),
+      bias_init=with_logical_axes(nnx.initializers.zeros, (axes[-1],)), rngs=rngs)
+
+
+def layer_norm(cfg: EncoderConfig, dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(
+      dim, epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+      scale_init=with_logical_axes(nnx.initializers.ones, ("norm",)),
+      bias_init=with_logical_axes(nnx.initializers.zeros, ("norm",)), rngs=rngs)
+
+
+def embed(cfg: EncoderConfig, num: int, dim: int, axes, rngs: nnx.Rngs) -> nnx.Embed:
+  init = nnx.initializers.normal(cfg.initializer_range)
+  return nnx.Embed(num, dim, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                   embedding_init=with_logical_axes(init, axes), rngs=rngs)
+
+
+class Embeddings(nnx.Module):
+  """Word + position + token-type embeddings, LayerNorm, dropout. Width E."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    e = cfg.embed_size
+    self.word_embeddings = embed(cfg, cfg.vocab_size, e, ("vocab", "embed"), rngs)
+    self.position_embeddings = embed(
+        cfg, cfg.max_position_embeddings, e, (None, "embed"), rngs)
+    self.token_type_embeddings = embed(cfg, cfg.type_vocab_size, e, (None, "embed"), rngs)
+    self.LayerNorm = layer_norm(cfg, e, rngs)
+
+  def __call__(self, input_ids, positions, token_type_ids, *, replace=None,
+               dropout_rng=None):
+    """input_ids, positions, token_type_ids: (B, T) -> (B, T, E).
+
+    replace: optional (index (B, K), rows (B, K, E)) overriding the word embedding at
+    those positions; AMOS feeds `one_hot_sample @ word_embeddings` this way.
+    """
+    x = self.word_embeddings(input_ids)
+    if replace is not None:
+      index, rows = replace
+      batch = jnp.arange(x.shape[0])[:, None]
+      x = x.at[batch, index].set(rows.astype(x.dtype))
+    x = x + self.position_embeddings(positions) + self.token_type_embeddings(
+        token_type_ids)
+    x = self.LayerNorm(x)
+    return dropout(x, self.cfg.hidden_dropout, dropout_rng)
+
+
+class SelfAttention(nnx.Module):
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    h = cfg.hidden_size
+    self.query = dense(cfg, h, h, ("embed", "heads"), rngs)
+    self.key = dense(cfg, h, h, ("embed", "heads"), rngs)
+    self.value = dense(cfg, h, h, ("embed", "heads"), rngs)
+
+
+class DenseLayerNorm(nnx.Module):
+  """HF's *Output blocks: dense -> dropout -> LayerNorm(x + residual)."""
+
+  def __init__(self, cfg: EncoderConfig, d_in: int, axes, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dense = dense(cfg, d_in, cfg.hidden_size, axes, rngs)
+    self.LayerNorm = layer_norm(cfg, cfg.hidden_size, rngs)
+
+  def __call__(self, x, residual, dropout_rng=None):
+    x = dropout(self.dense(x), self.cfg.hidden_dropout, dropout_rng)
+    return self.LayerNorm(x + residual)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.self = SelfAttention(cfg, rngs=rngs)
+    self.output = DenseLayerNorm(cfg, cfg.hidden_size, ("heads", "embed"), rngs=rngs)
+
+  def __call__(self, x, mask, bias=None, dropout_rng=None):
+    cfg = self.cfg
+    b, t, _ = x.shape
+    n, dh = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+    q, k, v = (m(x).reshape(b, t, n, dh)
+               for m in (self.self.query, self.self.key, self.self.value))
+    q, k, v = (constrain(a, ("batch", "seq", "heads", None)) for a in (q, k, v))
+    r_attn, r_out = _split(dropout_rng, 2)
+    ctx = dot_product_attention(
+        q, k, v, mask, bias, dropout_rate=cfg.attention_dropout, dropout_rng=r_attn,
+        implementation=cfg.attention_impl)
+    return self.output(ctx.reshape(b, t, n * dh), x, r_out)
+
+
+class Intermediate(nnx.Module):
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    self.dense = dense(cfg, cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), rngs)
+
+  def __call__(self, x):
+    # Exact (erf) GELU, as BERT and ELECTRA use.
+    return constrain(jax.nn.gelu(self.dense(x), approximate=False),
+                     ("batch", "seq", "mlp"))
+
+
+class Layer(nnx.Module):
+  """One post-LN Transformer block: (B, T, H) -> (B, T, H)."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    self.attention = Attention(cfg, rngs=rngs)
+    self.intermediate = Intermediate(cfg, rngs=rngs)
+    self.output = DenseLayerNorm(cfg, cfg.intermediate_size, ("mlp", "embed"), rngs=rngs)
+
+  def __call__(self, x, mask, bias=None, dropout_rng=None):
+    r_attn, r_out = _split(dropout_rng, 2)
+    x = self.attention(x, mask, bias, r_attn)
+    x = self.output(self.intermediate(x), x, r_out)
+    return constrain(x, ("batch", "seq", "embed"))
+
+
+def _layer_forward(layer: Layer, x, mask, bias, dropout_rng):
+  return layer(x, mask, bias, dropout_rng)
+
+
+class Transformer(nnx.Module):
+  """HF's `encoder`: the stack of layers (and the optional relative position bias)."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    self.layer = nnx.List([Layer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    if cfg.relative_attention_buckets:
+      self.relative_attention_bias = embed(
+          cfg, cfg.relative_attention_buckets, cfg.num_heads, (None, "heads"), rngs)
+
+
+class Encoder(nnx.Module):
+  """BertModel / ElectraModel: embeddings -> [embeddings_project] -> layers.
+
+  `embeddings` may be passed in to share one embedding block between encoders
+  (ELECTRA's generator and discriminator).
+  """
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs,
+               embeddings: Embeddings | None = None):
+    if cfg.hidden_size % cfg.num_heads:
+      raise ValueError(f"hidden_size={cfg.hidden_size} is not divisible by "
+                       f"num_heads={cfg.num_heads}")
+    self.cfg = cfg
+    self.embeddings = embeddings if embeddings is not None else Embeddings(cfg, rngs=rngs)
+    e = self.embeddings.cfg.embed_size
+    if e != cfg.hidden_size:
+      self.embeddings_project = dense(cfg, e, cfg.hidden_size, ("embed_in", "embed"), rngs)
+    self.encoder = Transformer(cfg, rngs=rngs)
+
+  @property
+  def word_embeddings(self) -> jax.Array:
+    """(V, E) word-embedding matrix (the tied MLM output layer reads it)."""
+    return self.embeddings.word_embeddings.embedding[...]
+
+  def __call__(self, input_ids, segment_ids, positions=None, token_type_ids=None, *,
+               replace=None, dropout_rng=None, stop_gradient_after: Sequence[int] = (),
+               num_layers: int | None = None) -> list[jax.Array]:
+    """Runs the encoder; returns all hidden states.
+
+    input_ids, segment_ids (0 = padding), positions, token_type_ids: (B, T) int.
+    replace: see `Embeddings.__call__`.
+    stop_gradient_after: layer indices l whose output is recorded with its gradient
+      but enters block l+1 through stop_gradient (AMOS's segment isolation).
+    num_layers: run only the first layers (default: all).
+    Returns [hidden_states[0] (embeddings, after projection), ..., hidden_states[L]],
+    each (B, T, H).
+    """
+    cfg = self.cfg
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    num_layers = cfg.num_layers if num_layers is None else num_layers
+    r_embed, *r_layers = _split(dropout_rng, num_layers + 1)
+
+    x = self.embeddings(input_ids, positions, token_type_ids, replace=replace,
+                        dropout_rng=r_embed)
+    if hasattr(self, "embeddings_project"):
+      x = self.embeddings_project(x)
+    x = constrain(x, ("batch", "seq", "embed"))
+    mask = segment_attention_mask(segment_ids)
+    bias = None
+    if cfg.relative_attention_buckets:
+      t = input_ids.shape[1]
+      buckets = relative_position_buckets(t, t, cfg.relative_attention_buckets,
+                                          cfg.relative_attention_max_distance)
+      table = self.encoder.relative_attention_bias.embedding[...]
+      bias = jnp.transpose(table[buckets], (2, 0, 1))[None].astype(jnp.float32)
+
+    forward = nnx.remat(_layer_forward) if cfg.remat else _layer_forward
+    hidden_states = [x]
+    for i in range(num_layers):
+      if i in stop_gradient_after:
+        x = jax.lax.stop_gradient(x)
+      x = forward(self.encoder.layer[i], x, mask, bias, r_layers[i])
+      hidden_states.append(x)
+    return hidden_states

@@ -1,0 +1,68 @@
+"""Logical axis names for parameters and activations.
+
+Every parameter is born with logical names (`vocab`, `embed`, `mlp`, `heads`, ...);
+one rules table (the config's `sharding.rules`) maps them to mesh axes. The model
+never names a mesh axis itself: parallelism is a config edit.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Sequence
+
+import flax
+import jax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+# Variables carry their logical names as metadata only; shardings are applied by the
+# trainer (jit out_shardings), never eagerly at construction.
+flax.config.update("flax_always_shard_variable", False)
+
+LogicalAxes = tuple[str | None, ...]
+Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+
+_RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar(
+    "amos_jax_logical_rules", default=None)
+
+
+def with_logical_axes(init, axes: LogicalAxes):
+  """Wraps an initializer so the created Param carries logical axis names."""
+  return nnx.with_partitioning(init, axes)
+
+
+def logical_to_mesh(axes: LogicalAxes | None, rules: Rules) -> P:
+  """Maps logical names to a PartitionSpec; a mesh axis is used at most once."""
+  if axes is None:
+    return P()
+  table = {name: target for name, target in rules}
+  used: set[str] = set()
+  spec = []
+  for name in axes:
+    target = table.get(name) if name is not None else None
+    if target is None:
+      spec.append(None)
+      continue
+    targets = (target,) if isinstance(target, str) else tuple(target)
+    targets = tuple(t for t in targets if t not in used)
+    used.update(targets)
+    spec.append(None if not targets else targets[0] if len(targets) == 1 else targets)
+  return P(*spec)
+
+
+@contextlib.contextmanager
+def axis_rules(rules: Rules):
+  """Activates a rules table for `constrain` while tracing a step."""
+  token = _RULES.set(tuple((k, v) for k, v in rules))
+  try:
+    yield
+  finally:
+    _RULES.reset(token)
+
+
+def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
+  """Sharding constraint by logical names; a no-op outside a mesh + rules context."""
+  rules = _RULES.get()
+  if rules is None or jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_mesh(axes, rules))

@@ -1,0 +1,101 @@
+"""AMOS: Adversarial Mixture Of Signals (Meng et al., ICLR 2022).
+
+One unified generator stands for several MLM generators of different depth: a
+full-width encoder whose shared MLM head is read at the tapped layers (default
+4, 6, 8). Stop-gradients between segments make the head at layer l train only the
+blocks since the previous tap. Per masked token, a bias-free Dense scores each
+tap's hidden state; the softmax over taps gives mixture weights lambda, and
+
+    mixed_logits = sum_m lambda_m * stop_gradient(logits_m).
+
+A straight-through hard Gumbel-softmax (temperature 0.3) samples a one-hot
+replacement, which passes `reverse_gradient` and is multiplied by the discriminator's
+word-embedding matrix to form its input at the masked positions. The discriminator
+minimizes the RTD loss; the mixture (and through it the generator's features)
+receives the reversed gradient and so maximizes it.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from amos_jax.objectives import electra, masking
+from amos_jax.objectives.mlm import masking_config
+from amos_jax.objectives.sampling import (gumbel_noise, gumbel_softmax_straight_through,
+                                          reverse_gradient)
+
+build_model = electra.build_model
+
+
+def tap_layers(config) -> tuple[int, ...]:
+  return tuple(sorted(int(l) for l in config.objective.generator.tap_layers))
+
+
+def mixture_weights(model, tapped_hidden: list[jax.Array], mixture: bool) -> jax.Array:
+  """Per-token weights over the M generators: M x (B, K, H) -> (B, K, M) float32.
+
+  With the mixture disabled the generators are weighted uniformly (one tap: 1.0).
+  """
+  if not mixture:
+    b, k, _ = tapped_hidden[0].shape
+    m = len(tapped_hidden)
+    return jnp.full((b, k, m), 1.0 / m, jnp.float32)
+  scores = jnp.stack([model.mixture(h)[..., 0] for h in tapped_hidden], axis=-1)
+  return jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+
+
+def compute_loss(model: electra.ReplacedTokenDetection, batch, rng, config,
+                 train: bool = True):
+  """AMOS's loss: sum (or mean) of the taps' MLM losses + rtd_weight * RTD."""
+  obj = config.objective
+  taps = tap_layers(config)
+  r_mask, r_gen, r_sample, r_disc = electra.split_step_rng(rng)
+  masked = masking.mask_tokens(r_mask, batch["input_ids"], batch["segment_ids"],
+                               masking_config(config), batch.get("word_starts"))
+  hidden_states = model.generator(
+      masked.input_ids, batch["segment_ids"], batch.get("positions"),
+      batch.get("token_type_ids"),
+      dropout_rng=r_gen if train and obj.generator.dropout else None,
+      stop_gradient_after=taps[:-1], num_layers=taps[-1])
+  word_embeddings = model.discriminator.word_embeddings
+
+  metrics = {}
+  tapped = [masking.gather_positions(hidden_states[l], masked.positions) for l in taps]
+  tap_logits, mlm_losses = [], []
+  for layer, h in zip(taps, tapped):
+    logits = model.generator_head(h, word_embeddings)          # (B, K, V)
+    loss_l, acc_l = masking.masked_lm_loss(logits, masked.labels, masked.weights)
+    tap_logits.append(logits)
+    mlm_losses.append(loss_l)
+    metrics[f"mlm_loss_{layer}"] = loss_l
+    metrics[f"mlm_accuracy_{layer}"] = acc_l
+  mlm_loss = sum(mlm_losses)
+  if obj.head_loss_reduction == "mean":
+    mlm_loss = mlm_loss / len(taps)
+
+  lam = mixture_weights(model, tapped, bool(obj.mixture))       # (B, K, M)
+  mixed = sum(lam[..., m, None] * jax.lax.stop_gradient(tap_logits[m])
+              for m in range(len(taps)))
+  sample = gumbel_softmax_straight_through(
+      mixed, gumbel_noise(r_sample, mixed.shape), obj.sampling_temperature)
+  sample = reverse_gradient(sample)
+  # Prediction slots that are padding keep their original token.
+  valid = masked.weights[..., None] > 0
+  sample = jnp.where(valid, sample, jax.nn.one_hot(masked.labels, sample.shape[-1]))
+  rows = sample @ word_embeddings          # gradient into the matrix is not reversed
+  sampled = jnp.argmax(sample, axis=-1)
+  disc_ids = masking.scatter_positions(masked.input_ids, masked.positions,
+                                       sampled.astype(masked.input_ids.dtype))
+  is_replaced = electra.replaced_token_labels(masked.positions, sampled, masked.labels,
+                                              masked.weights, disc_ids.shape)
+  rtd, rtd_accuracy = electra.rtd_loss(
+      model, batch, disc_ids, is_replaced, r_disc if train else None,
+      replace=(masked.positions, rows))
+
+  denom = jnp.maximum(masked.weights.sum(), 1.0)
+  for m, layer in enumerate(taps):
+    metrics[f"mixture_weight_{layer}"] = (lam[..., m] * masked.weights).sum() / denom
+  loss = obj.mlm_weight * mlm_loss + obj.rtd_weight * rtd
+  metrics.update(loss=loss, mlm_loss=mlm_loss, rtd_loss=rtd, rtd_accuracy=rtd_accuracy,
+                 replaced_fraction=is_replaced.sum() / denom)
+  return loss, metrics

@@ -1,0 +1,112 @@
+"""On-device masking for masked-LM objectives.
+
+Masks are drawn inside the jitted step from `fold_in(rng, step)`, so the input
+pipeline carries no masking state and a resumed run masks identically.
+Predictions are gathered to a fixed K = `max_predictions` slots per sequence: the
+MLM head, generator logits and sampling then touch K positions, not all T.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+# Replacement schemes: (P[MASK], P[random token]); the rest keep the original.
+SCHEMES = {
+    "bert": (0.8, 0.1),     # BERT 80/10/10
+    "electra": (0.85, 0.0),  # ELECTRA 85/15, no random tokens
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskingConfig:
+  mask_rate: float = 0.15
+  scheme: str = "bert"
+  max_predictions: int | None = None  # None: ceil(mask_rate * seq_len)
+  whole_word: bool = False
+  mask_id: int = 4
+  vocab_size: int = 30522
+  special_ids: tuple[int, ...] = (0, 1, 2, 3, 4)  # never selected for prediction
+
+  def num_slots(self, seq_len: int) -> int:
+    if self.max_predictions:
+      return min(self.max_predictions, seq_len)
+    return min(seq_len, max(1, math.ceil(self.mask_rate * seq_len)))
+
+
+@dataclasses.dataclass
+class Masked:
+  """input_ids: (B, T) with replacements applied; positions, labels, weights: (B, K)."""
+  input_ids: jax.Array
+  positions: jax.Array
+  labels: jax.Array
+  weights: jax.Array  # float32 1.0 for a real prediction slot, 0.0 for padding
+
+
+jax.tree_util.register_dataclass(
+    Masked, data_fields=["input_ids", "positions", "labels", "weights"], meta_fields=[])
+
+
+def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
+  """x: (B, T, ...) and positions: (B, K) -> (B, K, ...)."""
+  return jnp.take_along_axis(x, positions.reshape(positions.shape + (1,) * (x.ndim - 2)),
+                             axis=1)
+
+
+def scatter_positions(x: jax.Array, positions: jax.Array, values: jax.Array) -> jax.Array:
+  """Writes values (B, K, ...) into x (B, T, ...) at positions (B, K)."""
+  return x.at[jnp.arange(x.shape[0])[:, None], positions].set(values)
+
+
+def mask_tokens(rng: jax.Array, input_ids: jax.Array, segment_ids: jax.Array,
+                cfg: MaskingConfig, word_starts: jax.Array | None = None) -> Masked:
+  """Selects ~mask_rate of the maskable tokens per row and applies the scheme.
+
+  input_ids, segment_ids (0 = padding), word_starts: (B, T). Each row predicts
+  n = clip(round(mask_rate * maskable), 1, K) tokens, chosen uniformly at random
+  (whole words together when `whole_word` and word_starts are given).
+  """
+  b, t = input_ids.shape
+  k = cfg.num_slots(t)
+  r_select, r_scheme, r_random = jax.random.split(rng, 3)
+  maskable = segment_ids > 0
+  for s in cfg.special_ids:
+    maskable &= input_ids != s
+
+  if cfg.whole_word and word_starts is not None:
+    # Every token of a word shares its word's score, so words are taken whole.
+    word_index = jnp.cumsum(word_starts.astype(jnp.int32), axis=1)
+    scores = jnp.take_along_axis(jax.random.uniform(r_select, (b, t + 1)), word_index,
+                                 axis=1)
+  else:
+    scores = jax.random.uniform(r_select, (b, t))
+  scores = jnp.where(maskable, scores, -1.0)
+  top_scores, positions = jax.lax.top_k(scores, k)
+  num_maskable = maskable.sum(axis=1, keepdims=True)
+  n = jnp.clip(jnp.round(cfg.mask_rate * num_maskable), 1, k)
+  weights = (jnp.arange(k)[None, :] < n) & (top_scores >= 0.0)
+  labels = gather_positions(input_ids, positions)
+
+  p_mask, p_random = SCHEMES[cfg.scheme]
+  u = jax.random.uniform(r_scheme, (b, k))
+  random_tokens = jax.random.randint(r_random, (b, k), 0, cfg.vocab_size)
+  replaced = jnp.where(u < p_mask, cfg.mask_id,
+                       jnp.where(u < p_mask + p_random, random_tokens, labels))
+  replaced = jnp.where(weights, replaced, labels).astype(input_ids.dtype)
+  return Masked(input_ids=scatter_positions(input_ids, positions, replaced),
+                positions=positions, labels=labels,
+                weights=weights.astype(jnp.float32))
+
+
+def masked_lm_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array):
+  """Mean cross-entropy over real prediction slots.
+
+  logits: (B, K, V) float32; labels, weights: (B, K). Returns (loss, accuracy).
+  """
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+  denom = jnp.maximum(weights.sum(), 1.0)
+  accuracy = ((logits.argmax(-1) == labels) * weights).sum() / denom
+  return (nll * weights).sum() / denom, accuracy

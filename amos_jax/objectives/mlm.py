@@ -1,0 +1,45 @@
+"""BERT masked-language-model pre-training (the MLM baseline)."""
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from amos_jax.model.encoder import Encoder, EncoderConfig
+from amos_jax.model.heads import MLMHead
+from amos_jax.objectives import masking
+
+
+class MaskedLanguageModel(nnx.Module):
+  """BertForMaskedLM: `encoder` + tied `mlm_head`."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    self.encoder = Encoder(cfg, rngs=rngs)
+    self.mlm_head = MLMHead(cfg, rngs=rngs)
+
+
+def build_model(config, rngs: nnx.Rngs) -> MaskedLanguageModel:
+  return MaskedLanguageModel(EncoderConfig.from_config(config.model), rngs=rngs)
+
+
+def compute_loss(model: MaskedLanguageModel, batch, rng, config, train: bool = True):
+  """Mean MLM cross-entropy over the masked positions. Returns (loss, metrics)."""
+  r_mask, r_dropout = jax.random.split(rng)
+  masked = masking.mask_tokens(r_mask, batch["input_ids"], batch["segment_ids"],
+                               masking_config(config), batch.get("word_starts"))
+  hidden = model.encoder(
+      masked.input_ids, batch["segment_ids"], batch.get("positions"),
+      batch.get("token_type_ids"), dropout_rng=r_dropout if train else None)[-1]
+  logits = model.mlm_head(masking.gather_positions(hidden, masked.positions),
+                          model.encoder.word_embeddings)
+  loss, accuracy = masking.masked_lm_loss(logits, masked.labels, masked.weights)
+  return loss, {"loss": loss, "mlm_loss": loss, "mlm_accuracy": accuracy}
+
+
+def masking_config(config) -> masking.MaskingConfig:
+  """The objective's masking settings plus the tokenizer's special ids."""
+  obj, data = config.objective, config.data
+  return masking.MaskingConfig(
+      mask_rate=obj.mask_rate, scheme=obj.mask_scheme,
+      max_predictions=obj.get("max_predictions") or None,
+      whole_word=obj.get("whole_word", False), mask_id=data.mask_id,
+      vocab_size=config.model.vocab_size, special_ids=tuple(data.special_ids))

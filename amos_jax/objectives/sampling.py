@@ -1,0 +1,66 @@
+"""Sampling operators of ELECTRA and AMOS: Gumbel noise, the straight-through hard
+Gumbel-softmax, and gradient reversal."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def gumbel_noise(rng: jax.Array, shape) -> jax.Array:
+  """Standard Gumbel(0, 1) noise, float32."""
+  u = jax.random.uniform(rng, shape, jnp.float32, minval=jnp.finfo(jnp.float32).tiny,
+                         maxval=1.0)
+  return -jnp.log(-jnp.log(u))
+
+
+def gumbel_max_sample(logits: jax.Array, noise: jax.Array,
+                      temperature: float = 1.0) -> jax.Array:
+  """ELECTRA's sampler: argmax(logits / T + g) ~ softmax(logits / T). (..., V) -> (...)."""
+  return jnp.argmax(logits / temperature + noise, axis=-1)
+
+
+@jax.custom_vjp
+def straight_through(hard: jax.Array, soft: jax.Array) -> jax.Array:
+  """Forward: `hard` exactly. Backward: the cotangent goes to `soft` unchanged."""
+  return hard
+
+
+def _st_fwd(hard, soft):
+  return hard, None
+
+
+def _st_bwd(_, g):
+  return jnp.zeros_like(g), g
+
+
+straight_through.defvjp(_st_fwd, _st_bwd)
+
+
+def gumbel_softmax_straight_through(logits: jax.Array, noise: jax.Array,
+                                    temperature: float) -> jax.Array:
+  """Hard Gumbel-softmax (Jang et al. 2017) with the straight-through estimator.
+
+  y_soft = softmax((logits + g) / tau); forward value one_hot(argmax y_soft), exactly;
+  backward d y_soft. logits, noise: (..., V) -> (..., V) float32.
+  """
+  y_soft = jax.nn.softmax((logits + noise) / temperature, axis=-1)
+  y_hard = jax.nn.one_hot(jnp.argmax(y_soft, axis=-1), logits.shape[-1],
+                          dtype=y_soft.dtype)
+  return straight_through(y_hard, y_soft)
+
+
+@jax.custom_vjp
+def reverse_gradient(x: jax.Array) -> jax.Array:
+  """Gradient reversal (Ganin & Lempitsky 2015): identity forward, -cotangent backward."""
+  return x
+
+
+def _rev_fwd(x):
+  return x, None
+
+
+def _rev_bwd(_, g):
+  return (jax.tree.map(jnp.negative, g),)
+
+
+reverse_gradient.defvjp(_rev_fwd, _rev_bwd)
