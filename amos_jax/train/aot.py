@@ -1,0 +1,166 @@
+"""Ahead-of-time compiles: find an out-of-memory or a sharding error before a pod is booked.
+
+A step is lowered and compiled for devices that need not exist: a TPU pod named by
+its topology (through libtpu's compile-only client, on a CPU-only machine) or fake
+CPU devices. XLA's memory analysis of the compiled step then gives what each device
+would hold.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+# The libtpu release that jax==0.10.2 declares for its `tpu` extra; setup.py's test
+# extra pins the same.
+LIBTPU_VERSION = "0.0.42.1"
+LIBTPU_MISSING = ("error: --config.mesh.topology needs the `libtpu` package: "
+                  f"pip install libtpu=={LIBTPU_VERSION}")
+
+# Memory per chip by `device_kind`, to say how full a compiled step leaves it.
+HBM_BYTES = {
+    "TPU v4": 32 << 30,
+    "TPU v5 lite": 16 << 30,  # v5e
+    "TPU v5": 95 << 30,  # v5p
+    "TPU v6 lite": 32 << 30,  # v6e (Trillium)
+}
+
+_FIELDS = (  # (report key, CompiledMemoryStats attribute, row label)
+    ("argument_bytes", "argument_size_in_bytes", "arguments"),
+    ("output_bytes", "output_size_in_bytes", "outputs"),
+    ("temp_bytes", "temp_size_in_bytes", "temporaries"),
+    ("generated_code_bytes", "generated_code_size_in_bytes", "generated code"),
+    ("alias_bytes", "alias_size_in_bytes", "aliased (donated)"),
+)
+
+
+def libtpu_available() -> bool:
+  """True when a TPU runtime library can be loaded (libtpu package or TPU_LIBRARY_PATH)."""
+  path = os.environ.get("TPU_LIBRARY_PATH")
+  return bool(path and os.path.isfile(path)) or importlib.util.find_spec("libtpu") is not None
+
+
+def topology_devices(topology_name: str, platform: str = "tpu") -> list[jax.Device]:
+  """Compile-only devices of a pod named like "v5p:4x4x4" (chips per axis).
+
+  They carry coordinates and process indices like the real pod's, so a Mesh over
+  them compiles what the pod would run; they cannot execute anything.
+  """
+  if platform == "tpu" and not libtpu_available():
+    raise RuntimeError(LIBTPU_MISSING)
+  from jax.experimental import topologies
+  try:
+    return list(topologies.get_topology_desc(
+        platform=platform, topology_name=topology_name).devices)
+  except RuntimeError as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "TPU support not installed" in first:
+      raise RuntimeError(LIBTPU_MISSING) from None
+    raise RuntimeError(
+        f"error: --config.mesh.topology={topology_name!r} is not a {platform} topology "
+        f"({first}); use a name like v5p:2x2x2 or v4:4x4x8") from None
+
+
+def fake_cpu_devices(n: int) -> list[jax.Device]:
+  """n CPU devices, made by the CPU client when it has not started yet.
+
+  Tests and `--compile_only` without a topology use them to compile a multi-device
+  step on one machine.
+  """
+  from jax._src import xla_bridge
+  if not xla_bridge.backends_are_initialized():
+    jax.config.update("jax_num_cpu_devices", max(n, jax.config.jax_num_cpu_devices))
+  devices = jax.devices("cpu")
+  if len(devices) < n:
+    raise RuntimeError(
+        f"error: {n} CPU devices asked but JAX started with {len(devices)}: set "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before the process starts")
+  return devices[:n]
+
+
+def compile_and_report(
+    fn: Callable[..., Any],
+    abstract_args: Sequence[Any],
+    in_shardings: Any = None,
+    out_shardings: Any = None,
+    donate_argnums: int | Sequence[int] = (),
+) -> dict[str, Any]:
+  """Lowers and compiles `fn` for `abstract_args` and measures it per device.
+
+  abstract_args are jax.ShapeDtypeStruct pytrees (with shardings, or with
+  in_shardings given). Returns bytes per device for arguments, outputs,
+  temporaries, generated code and aliases, their total (an aliased output reuses a
+  donated argument's buffer, so aliases count once), the device count and kind, the
+  chip's memory when known, and lowering/compile seconds.
+  """
+  jit_kwargs = dict(donate_argnums=donate_argnums)
+  # Left unset, shardings follow those the abstract args carry.
+  if in_shardings is not None:
+    jit_kwargs["in_shardings"] = in_shardings
+  if out_shardings is not None:
+    jit_kwargs["out_shardings"] = out_shardings
+  start = time.perf_counter()
+  lowered = jax.jit(fn, **jit_kwargs).lower(*abstract_args)
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  compiled_at = time.perf_counter()
+
+  stats = compiled.memory_analysis()
+  report: dict[str, Any] = {}
+  for key, attr, _ in _FIELDS:
+    report[key] = int(getattr(stats, attr, 0) or 0) if stats is not None else 0
+  report["total_bytes"] = (report["argument_bytes"] + report["output_bytes"]
+                           + report["temp_bytes"] + report["generated_code_bytes"]
+                           - report["alias_bytes"])
+  devices = _devices_of(compiled)
+  kind = devices[0].device_kind if devices else "unknown"
+  report.update(
+      devices=len(devices),
+      device_kind=kind,
+      platform=devices[0].platform if devices else "unknown",
+      hbm_bytes=HBM_BYTES.get(kind),
+      lower_seconds=round(lowered_at - start, 3),
+      compile_seconds=round(compiled_at - lowered_at, 3),
+  )
+  return report
+
+
+def _devices_of(compiled) -> list:
+  """Devices the executable was compiled for, read from its input shardings."""
+  devices = set()
+  for sharding in jax.tree.leaves(compiled.input_shardings):
+    devices |= set(sharding.device_set)
+  for sharding in jax.tree.leaves(compiled.output_shardings):
+    devices |= set(sharding.device_set)
+  return sorted(devices, key=lambda d: d.id)
+
+
+def _human(n: int) -> str:
+  value = float(n)
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if abs(value) < 1024 or unit == "GiB":
+      return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+    value /= 1024
+  return f"{value:.2f} GiB"
+
+
+def format_memory_report(report: dict[str, Any], title: str = "") -> str:
+  """The report as a table of bytes per device, for the console."""
+  head = title or f"{report['devices']} x {report['device_kind']}"
+  lines = [f"compiled {head} in {report['compile_seconds']:.2f} s "
+           f"(lowering {report['lower_seconds']:.2f} s); memory per device:"]
+  rows = [(label, report[key]) for key, _, label in _FIELDS]
+  rows.append(("total", report["total_bytes"]))
+  for label, value in rows:
+    sign = "-" if label.startswith("aliased") and value else ""
+    lines.append(f"  {label:<18} {sign + _human(value):>12} {value:>16,d}")
+  if report.get("hbm_bytes"):
+    share = report["total_bytes"] / report["hbm_bytes"]
+    verdict = "fits" if share <= 1 else "DOES NOT FIT"
+    lines.append(f"  {'chip memory':<18} {_human(report['hbm_bytes']):>12} "
+                 f"{100 * share:>15.1f}% used, {verdict}")
+  return "\n".join(lines)
