@@ -11,6 +11,10 @@ INSTALL_REQUIRES = [
     "ml-collections==1.1.0",
     "absl-py==2.5.1",
     "sentencepiece==0.2.3",
+    # WordPiece vocab.txt of imported BERT-family checkpoints.
+    "tokenizers==0.23.3",
+    # Catalogued corpora and the local-text builder (array_record path; no TensorFlow).
+    "tensorflow-datasets==4.9.10",
     "grain==0.2.18",
     "array-record==0.8.6",
     "safetensors==0.8.0",
@@ -42,6 +46,7 @@ setup(
     entry_points={
         "console_scripts": [
             "amos-train=amos_jax.cli:train_main",
+            "amos-prepare=amos_jax.data.prepare:main",
         ],
     },
 )
