@@ -53,6 +53,13 @@ def topology_devices(topology_name: str, platform: str = "tpu") -> list[jax.Devi
   if platform == "tpu" and not libtpu_available():
     raise RuntimeError(LIBTPU_MISSING)
   from jax.experimental import topologies
+  from jax._src import hardware_utils
+  if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
+    # Off a TPU VM, libtpu looks for its slice in these and prints five lines of
+    # warnings when they are missing; compile-only devices come from the topology
+    # name alone (the memory report is the same with or without them).
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   try:
     return list(topologies.get_topology_desc(
         platform=platform, topology_name=topology_name).devices)
