@@ -13,6 +13,7 @@ import dataclasses
 import os
 
 import tensorflow_datasets as tfds
+from etils import epath
 
 from amos_jax.data import prepare
 
@@ -28,6 +29,13 @@ class AmosText(tfds.core.GeneratorBasedBuilder):
   """One `text` feature per document; one config per registered corpus."""
   VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = [AmosTextConfig(name="default")]
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    # tfds finds a packaged builder's files through `importlib_resources`, which it
+    # does not install; this builder has no checksum or metadata files anyway.
+    return epath.Path(__file__)
 
   def _info(self):
     # DatasetInfo directly: the metadata-file lookup of dataset_info_from_configs
