@@ -76,9 +76,13 @@ def compute_loss(model: electra.ReplacedTokenDetection, batch, rng, config,
   lam = mixture_weights(model, tapped, bool(obj.mixture))       # (B, K, M)
   mixed = sum(lam[..., m, None] * jax.lax.stop_gradient(tap_logits[m])
               for m in range(len(taps)))
-  sample = gumbel_softmax_straight_through(
-      mixed, gumbel_noise(r_sample, mixed.shape), obj.sampling_temperature)
-  sample = reverse_gradient(sample)
+  noise = gumbel_noise(r_sample, mixed.shape)
+  if obj.get("hard_sample", True):
+    sample = gumbel_softmax_straight_through(mixed, noise, obj.sampling_temperature)
+  else:  # the soft relaxation whose gradient the straight-through estimator uses
+    sample = jax.nn.softmax((mixed + noise) / obj.sampling_temperature, axis=-1)
+  if obj.get("adversarial", True):
+    sample = reverse_gradient(sample)  # ablation off: a cooperative mixture
   # Prediction slots that are padding keep their original token.
   valid = masked.weights[..., None] > 0
   sample = jnp.where(valid, sample, jax.nn.one_hot(masked.labels, sample.shape[-1]))

@@ -1,0 +1,44 @@
+"""Metrics: `metrics.jsonl` (one JSON object per logged step) and TensorBoard events.
+Only the primary process writes."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+
+class MetricsWriter:
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._tb = None
+    self._file = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict, prefix: str = "") -> dict:
+    """Writes scalars at `step`; returns them as plain floats."""
+    scalars = {prefix + k: float(np.asarray(jax.device_get(v)))
+               for k, v in metrics.items()}
+    if self.enabled:
+      self._file.write(json.dumps({"step": int(step), **scalars}) + "\n")
+      self._file.flush()
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, v, int(step))
+    return scalars
+
+  def close(self):
+    if self.enabled:
+      self._file.close()
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """All records of `workdir/metrics.jsonl`, in order."""
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]

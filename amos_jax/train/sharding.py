@@ -1,0 +1,57 @@
+"""Mesh from config, and shardings for parameters, optimizer state and batches.
+
+Mesh axes are ('data', 'fsdp', 'tensor'). Parameter shardings come from each
+parameter's logical axis names through the config's rules table
+(`amos_jax.model.partitioning.logical_to_mesh`).
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from amos_jax.config import resolve_mesh_shape
+from amos_jax.model.partitioning import logical_to_mesh
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def build_mesh(mesh_config, devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all), -1 filled."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = resolve_mesh_shape(mesh_config, len(devices))
+  try:
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices)
+  except Exception:  # noqa: BLE001 - topology-unaware fallback (e.g. odd CPU counts)
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches: leading (global batch) axis split over data and fsdp."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules) -> nnx.State:
+  """The State of NamedShardings for params, from their logical axis metadata."""
+  specs = nnx.get_partition_spec(abstract_params)
+  return jax.tree.map(
+      lambda spec: NamedSharding(mesh, logical_to_mesh(tuple(spec), rules)), specs,
+      is_leaf=lambda x: isinstance(x, P))
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state,
+                        params_shardings, mesh: Mesh):
+  """Moments are sharded like their parameters; counters are replicated."""
+  return optax.tree_map_params(
+      tx, lambda _, sharding: sharding, abstract_opt_state, params_shardings,
+      transform_non_params=lambda _: replicated(mesh),
+      is_leaf=lambda x: isinstance(x, NamedSharding))

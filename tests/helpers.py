@@ -1,0 +1,34 @@
+"""Small configs and batches shared by the tests."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from amos_jax import config as config_lib
+
+
+def tiny_config(objective: str = "electra", **model):
+  c = config_lib.base_config()
+  c.model.update(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                 intermediate_size=64, embedding_size=16, max_position_embeddings=64,
+                 hidden_dropout=0.0, attention_dropout=0.0)
+  c.model.update(model)
+  c.objective.name = objective
+  if objective == "amos":
+    c.objective.update(rtd_head_layers=1, sampling_temperature=0.3, mixture=True)
+    c.objective.generator.update(width_fraction=1.0, tap_layers=(1, 2), dropout=False)
+  c.train.update(batch_size=8, seq_len=32, steps=4, warmup_steps=1, log_every=1,
+                 eval_every=0)
+  return c
+
+
+def random_batch(rng, batch: int, seq_len: int, vocab: int, pad_tail: int = 0):
+  """Random non-special tokens; the last `pad_tail` positions of odd rows are padding."""
+  ids = jax.random.randint(rng, (batch, seq_len), 5, vocab)
+  seg = jnp.ones((batch, seq_len), jnp.int32)
+  if pad_tail:
+    odd = (jnp.arange(batch) % 2 == 1)[:, None]
+    tail = (jnp.arange(seq_len) >= seq_len - pad_tail)[None, :]
+    seg = jnp.where(odd & tail, 0, seg)
+    ids = jnp.where(seg == 0, 0, ids)
+  return {"input_ids": ids.astype(jnp.int32), "segment_ids": seg}

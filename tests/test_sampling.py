@@ -1,0 +1,42 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amos_jax.objectives.sampling import (gumbel_max_sample, gumbel_noise,
+                                          gumbel_softmax_straight_through, reverse_gradient)
+
+
+def test_reverse_gradient_is_identity_forward_and_negates_backward():
+  x = jax.random.normal(jax.random.key(0), (3, 5))
+  w = jax.random.normal(jax.random.key(1), (3, 5))
+  np.testing.assert_array_equal(reverse_gradient(x), x)
+  f = lambda x: jnp.sum(jnp.sin(x) * w)
+  g_plain = jax.grad(f)(x)
+  g_rev = jax.grad(lambda x: f(reverse_gradient(x)))(x)
+  np.testing.assert_allclose(g_rev, -g_plain, rtol=1e-6)
+  assert np.abs(g_plain).min() > 0
+
+
+def test_straight_through_gumbel_softmax_is_one_hot_forward_soft_backward():
+  logits = jax.random.normal(jax.random.key(0), (4, 7))
+  noise = gumbel_noise(jax.random.key(1), logits.shape)
+  tau = 0.3
+  y = gumbel_softmax_straight_through(logits, noise, tau)
+  # Exactly one-hot, at the Gumbel-max argmax.
+  np.testing.assert_array_equal(np.asarray(y).sum(-1), 1.0)
+  assert set(np.unique(np.asarray(y))) <= {0.0, 1.0}
+  np.testing.assert_array_equal(y.argmax(-1), gumbel_max_sample(logits, noise))
+  # Backward is the soft sample's gradient.
+  w = jax.random.normal(jax.random.key(2), (4, 7))
+  g_st = jax.grad(lambda l: jnp.sum(gumbel_softmax_straight_through(l, noise, tau) * w))(
+      logits)
+  g_soft = jax.grad(lambda l: jnp.sum(jax.nn.softmax((l + noise) / tau) * w))(logits)
+  np.testing.assert_allclose(g_st, g_soft, rtol=1e-5, atol=1e-7)
+  assert np.abs(g_soft).max() > 1e-3
+
+
+def test_gumbel_max_sampling_follows_the_softmax():
+  logits = jnp.log(jnp.array([0.1, 0.6, 0.3]))
+  noise = gumbel_noise(jax.random.key(0), (20000, 3))
+  counts = np.bincount(np.asarray(gumbel_max_sample(logits, noise)), minlength=3) / 20000
+  np.testing.assert_allclose(counts, [0.1, 0.6, 0.3], atol=0.015)
