@@ -12,6 +12,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from amos_jax.model import rng as rng_lib
+
 
 def segment_attention_mask(segment_ids: jax.Array) -> jax.Array:
   """(B, T) segment ids (0 = padding) -> (B, 1, T, T) bool: attend within a segment.
@@ -51,7 +53,8 @@ def dot_product_attention(q, k, v, mask, bias=None, *, dropout_rate=0.0,
       logits = logits + bias
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    keep = rng_lib.draw(lambda k, s: jax.random.bernoulli(k, 1.0 - dropout_rate, s),
+                        dropout_rng, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
     return jnp.einsum("bnts,bsnd->btnd", probs, v)
   if bias is not None:

@@ -18,6 +18,7 @@ from flax import nnx
 
 from amos_jax.model.attention import (dot_product_attention, relative_position_buckets,
                                       segment_attention_mask)
+from amos_jax.model import rng as rng_lib
 from amos_jax.model.partitioning import constrain, with_logical_axes
 
 
@@ -58,12 +59,12 @@ class EncoderConfig:
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   if rng is None or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  keep = rng_lib.draw(lambda k, s: jax.random.bernoulli(k, 1.0 - rate, s), rng, x.shape)
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def _split(rng, n):
-  return (None,) * n if rng is None else tuple(jax.random.split(rng, n))
+  return (None,) * n if rng is None else rng_lib.split(rng, n)
 
 
 def dense(cfg: EncoderConfig, d_in: int, d_out: int, axes, rngs: nnx.Rngs,

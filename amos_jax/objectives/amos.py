@@ -25,6 +25,7 @@ from amos_jax.objectives.sampling import (gumbel_noise, gumbel_softmax_straight_
                                           reverse_gradient)
 
 build_model = electra.build_model
+loss_normalizers = electra.loss_normalizers
 
 
 def tap_layers(config) -> tuple[int, ...]:
@@ -64,7 +65,8 @@ def compute_loss(model: electra.ReplacedTokenDetection, batch, rng, config,
   tap_logits, mlm_losses = [], []
   for layer, h in zip(taps, tapped):
     logits = model.generator_head(h, word_embeddings)          # (B, K, V)
-    loss_l, acc_l = masking.masked_lm_loss(logits, masked.labels, masked.weights)
+    loss_l, acc_l = masking.masked_lm_loss(logits, masked.labels, masked.weights,
+                                           batch.get("num_predictions"))
     tap_logits.append(logits)
     mlm_losses.append(loss_l)
     metrics[f"mlm_loss_{layer}"] = loss_l
@@ -96,7 +98,7 @@ def compute_loss(model: electra.ReplacedTokenDetection, batch, rng, config,
       model, batch, disc_ids, is_replaced, r_disc if train else None,
       replace=(masked.positions, rows))
 
-  denom = jnp.maximum(masked.weights.sum(), 1.0)
+  denom = jnp.maximum(batch.get("num_predictions", masked.weights.sum()), 1.0)
   for m, layer in enumerate(taps):
     metrics[f"mixture_weight_{layer}"] = (lam[..., m] * masked.weights).sum() / denom
   loss = obj.mlm_weight * mlm_loss + obj.rtd_weight * rtd

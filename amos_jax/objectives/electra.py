@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from amos_jax.model import rng as rng_lib
 from amos_jax.model.encoder import Encoder, EncoderConfig, dense
 from amos_jax.model.heads import MLMHead, RTDHead
 from amos_jax.objectives import masking
-from amos_jax.objectives.mlm import masking_config
+from amos_jax.objectives.mlm import loss_normalizers, masking_config  # noqa: F401
 from amos_jax.objectives.sampling import gumbel_max_sample, gumbel_noise
 
 
@@ -68,7 +69,7 @@ def build_model(config, rngs: nnx.Rngs) -> ReplacedTokenDetection:
 
 def split_step_rng(rng: jax.Array):
   """(mask, generator dropout, sampling, discriminator dropout) keys, as AMOS uses."""
-  return jax.random.split(rng, 4)
+  return rng_lib.split(rng, 4)
 
 
 def replaced_token_labels(positions, sampled, labels, weights, shape) -> jax.Array:
@@ -88,7 +89,7 @@ def rtd_loss(model: ReplacedTokenDetection, batch, input_ids, is_replaced, rng, 
       replace=replace, dropout_rng=rng)[-1]
   logits = model.discriminator_head(hidden)
   real = (batch["segment_ids"] > 0).astype(jnp.float32)
-  denom = jnp.maximum(real.sum(), 1.0)
+  denom = jnp.maximum(batch.get("num_tokens", real.sum()), 1.0)
   xent = optax.sigmoid_binary_cross_entropy(logits, is_replaced.astype(jnp.float32))
   accuracy = (((logits > 0) == is_replaced) * real).sum() / denom
   return (xent * real).sum() / denom, accuracy
@@ -106,7 +107,8 @@ def compute_loss(model: ReplacedTokenDetection, batch, rng, config, train: bool 
       dropout_rng=r_gen if train and obj.generator.dropout else None)[-1]
   logits = model.generator_head(masking.gather_positions(gen_hidden, masked.positions),
                                 model.discriminator.word_embeddings)
-  mlm_loss, mlm_accuracy = masking.masked_lm_loss(logits, masked.labels, masked.weights)
+  mlm_loss, mlm_accuracy = masking.masked_lm_loss(logits, masked.labels, masked.weights,
+                                                  batch.get("num_predictions"))
 
   # No discriminator gradient may reach the generator through the sample.
   logits = jax.lax.stop_gradient(logits)
@@ -123,4 +125,4 @@ def compute_loss(model: ReplacedTokenDetection, batch, rng, config, train: bool 
   return loss, {"loss": loss, "mlm_loss": mlm_loss, "mlm_accuracy": mlm_accuracy,
                 "rtd_loss": rtd, "rtd_accuracy": rtd_accuracy,
                 "replaced_fraction": is_replaced.sum() / jnp.maximum(
-                    masked.weights.sum(), 1.0)}
+                    batch.get("num_predictions", masked.weights.sum()), 1.0)}

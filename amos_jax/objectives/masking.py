@@ -13,6 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from amos_jax.model import rng as rng_lib
+
 # Replacement schemes: (P[MASK], P[random token]); the rest keep the original.
 SCHEMES = {
     "bert": (0.8, 0.1),     # BERT 80/10/10
@@ -60,6 +62,32 @@ def scatter_positions(x: jax.Array, positions: jax.Array, values: jax.Array) -> 
   return x.at[jnp.arange(x.shape[0])[:, None], positions].set(values)
 
 
+def _maskable(input_ids, segment_ids, cfg: MaskingConfig) -> jax.Array:
+  maskable = segment_ids > 0
+  for s in cfg.special_ids:
+    maskable &= input_ids != s
+  return maskable
+
+
+def _num_to_mask(maskable: jax.Array, k: int, cfg: MaskingConfig) -> jax.Array:
+  """(B, 1): n = clip(round(mask_rate * maskable), 1, K) predictions per row."""
+  num_maskable = maskable.sum(axis=1, keepdims=True)
+  return jnp.clip(jnp.round(cfg.mask_rate * num_maskable), 1, k)
+
+
+def num_predictions(input_ids: jax.Array, segment_ids: jax.Array,
+                    cfg: MaskingConfig) -> jax.Array:
+  """Real prediction slots per row, (B,) float32, without drawing the masks.
+
+  Equals `mask_tokens(...).weights.sum(1)` for any key: a row predicts
+  min(n, maskable) tokens. Gradient accumulation needs the whole batch's count to
+  normalize each micro-batch's loss.
+  """
+  maskable = _maskable(input_ids, segment_ids, cfg)
+  n = _num_to_mask(maskable, cfg.num_slots(input_ids.shape[1]), cfg)[:, 0]
+  return jnp.minimum(n, maskable.sum(axis=1)).astype(jnp.float32)
+
+
 def mask_tokens(rng: jax.Array, input_ids: jax.Array, segment_ids: jax.Array,
                 cfg: MaskingConfig, word_starts: jax.Array | None = None) -> Masked:
   """Selects ~mask_rate of the maskable tokens per row and applies the scheme.
@@ -67,31 +95,30 @@ def mask_tokens(rng: jax.Array, input_ids: jax.Array, segment_ids: jax.Array,
   input_ids, segment_ids (0 = padding), word_starts: (B, T). Each row predicts
   n = clip(round(mask_rate * maskable), 1, K) tokens, chosen uniformly at random
   (whole words together when `whole_word` and word_starts are given).
+  rng: one key, or one key per row (B,) (see `amos_jax.model.rng`).
   """
   b, t = input_ids.shape
   k = cfg.num_slots(t)
-  r_select, r_scheme, r_random = jax.random.split(rng, 3)
-  maskable = segment_ids > 0
-  for s in cfg.special_ids:
-    maskable &= input_ids != s
+  r_select, r_scheme, r_random = rng_lib.split(rng, 3)
+  maskable = _maskable(input_ids, segment_ids, cfg)
 
   if cfg.whole_word and word_starts is not None:
     # Every token of a word shares its word's score, so words are taken whole.
     word_index = jnp.cumsum(word_starts.astype(jnp.int32), axis=1)
-    scores = jnp.take_along_axis(jax.random.uniform(r_select, (b, t + 1)), word_index,
-                                 axis=1)
+    scores = jnp.take_along_axis(rng_lib.draw(jax.random.uniform, r_select, (b, t + 1)),
+                                 word_index, axis=1)
   else:
-    scores = jax.random.uniform(r_select, (b, t))
+    scores = rng_lib.draw(jax.random.uniform, r_select, (b, t))
   scores = jnp.where(maskable, scores, -1.0)
   top_scores, positions = jax.lax.top_k(scores, k)
-  num_maskable = maskable.sum(axis=1, keepdims=True)
-  n = jnp.clip(jnp.round(cfg.mask_rate * num_maskable), 1, k)
+  n = _num_to_mask(maskable, k, cfg)
   weights = (jnp.arange(k)[None, :] < n) & (top_scores >= 0.0)
   labels = gather_positions(input_ids, positions)
 
   p_mask, p_random = SCHEMES[cfg.scheme]
-  u = jax.random.uniform(r_scheme, (b, k))
-  random_tokens = jax.random.randint(r_random, (b, k), 0, cfg.vocab_size)
+  u = rng_lib.draw(jax.random.uniform, r_scheme, (b, k))
+  random_tokens = rng_lib.draw(
+      lambda key, s: jax.random.randint(key, s, 0, cfg.vocab_size), r_random, (b, k))
   replaced = jnp.where(u < p_mask, cfg.mask_id,
                        jnp.where(u < p_mask + p_random, random_tokens, labels))
   replaced = jnp.where(weights, replaced, labels).astype(input_ids.dtype)
@@ -100,13 +127,16 @@ def mask_tokens(rng: jax.Array, input_ids: jax.Array, segment_ids: jax.Array,
                 weights=weights.astype(jnp.float32))
 
 
-def masked_lm_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array):
+def masked_lm_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array,
+                   denom: jax.Array | None = None):
   """Mean cross-entropy over real prediction slots.
 
-  logits: (B, K, V) float32; labels, weights: (B, K). Returns (loss, accuracy).
+  logits: (B, K, V) float32; labels, weights: (B, K). denom: the count to divide by
+  (default weights.sum(); a micro-batch passes its whole batch's). Returns
+  (loss, accuracy).
   """
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-  denom = jnp.maximum(weights.sum(), 1.0)
+  denom = jnp.maximum(weights.sum() if denom is None else denom, 1.0)
   accuracy = ((logits.argmax(-1) == labels) * weights).sum() / denom
   return (nll * weights).sum() / denom, accuracy

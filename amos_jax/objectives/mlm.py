@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
+
+from amos_jax.model import rng as rng_lib
 
 from amos_jax.model.encoder import Encoder, EncoderConfig
 from amos_jax.model.heads import MLMHead
@@ -23,7 +26,7 @@ def build_model(config, rngs: nnx.Rngs) -> MaskedLanguageModel:
 
 def compute_loss(model: MaskedLanguageModel, batch, rng, config, train: bool = True):
   """Mean MLM cross-entropy over the masked positions. Returns (loss, metrics)."""
-  r_mask, r_dropout = jax.random.split(rng)
+  r_mask, r_dropout = rng_lib.split(rng, 2)
   masked = masking.mask_tokens(r_mask, batch["input_ids"], batch["segment_ids"],
                                masking_config(config), batch.get("word_starts"))
   hidden = model.encoder(
@@ -31,8 +34,21 @@ def compute_loss(model: MaskedLanguageModel, batch, rng, config, train: bool = T
       batch.get("token_type_ids"), dropout_rng=r_dropout if train else None)[-1]
   logits = model.mlm_head(masking.gather_positions(hidden, masked.positions),
                           model.encoder.word_embeddings)
-  loss, accuracy = masking.masked_lm_loss(logits, masked.labels, masked.weights)
+  loss, accuracy = masking.masked_lm_loss(logits, masked.labels, masked.weights,
+                                          batch.get("num_predictions"))
   return loss, {"loss": loss, "mlm_loss": loss, "mlm_accuracy": accuracy}
+
+
+def loss_normalizers(batch, config) -> dict:
+  """The whole batch's counts that the loss means divide by, for micro-batches.
+
+  With them in each micro-batch, every loss and metric is a sum over rows divided
+  by a batch-wide count, so the micro-batches' values add up to the batch's.
+  """
+  counts = masking.num_predictions(batch["input_ids"], batch["segment_ids"],
+                                   masking_config(config))
+  return {"num_predictions": counts.sum(),
+          "num_tokens": (batch["segment_ids"] > 0).sum().astype(jnp.float32)}
 
 
 def masking_config(config) -> masking.MaskingConfig:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from amos_jax.model import rng as rng_lib
+
 
 def gumbel_noise(rng: jax.Array, shape) -> jax.Array:
-  """Standard Gumbel(0, 1) noise, float32."""
-  u = jax.random.uniform(rng, shape, jnp.float32, minval=jnp.finfo(jnp.float32).tiny,
-                         maxval=1.0)
+  """Standard Gumbel(0, 1) noise, float32; rng: one key or one per row of `shape`."""
+  u = rng_lib.draw(lambda k, s: jax.random.uniform(
+      k, s, jnp.float32, minval=jnp.finfo(jnp.float32).tiny, maxval=1.0), rng, shape)
   return -jnp.log(-jnp.log(u))
 
 

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from amos_jax.model import rng as rng_lib
+from amos_jax.model.partitioning import constrain
 from amos_jax.train.state import TrainState, learning_rate_schedule
 
 
@@ -14,19 +16,60 @@ def step_rng(seed: int, step) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), step)
 
 
+def split_micro_batches(batch: dict, num: int) -> dict:
+  """(B, ...) -> (num, B / num, ...); micro-batch j holds rows j, j + num, ...
+
+  Strided rows keep every micro-batch spread over all data shards (each device
+  slices its own rows, no communication). Returns the global row indices too.
+  """
+  b = next(iter(batch.values())).shape[0]
+
+  def split(x):
+    x = x.reshape((b // num, num) + x.shape[1:]).swapaxes(0, 1)
+    return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+  return {k: split(v) for k, v in batch.items()}, split(jnp.arange(b, dtype=jnp.int32))
+
+
 def make_train_step(graphdef, objective, config, tx):
-  """Builds `train_step(state, batch) -> (state, metrics)`; jit it with shardings."""
+  """Builds `train_step(state, batch) -> (state, metrics)`; jit it with shardings.
+
+  With `train.grad_accum_steps` = A > 1 the batch is split into A micro-batches
+  whose gradients are summed in a scan. Each row draws its masks, samples and
+  dropout from its own key (the step key folded with the global row index), and
+  every loss divides by whole-batch counts (`objective.loss_normalizers`), so A
+  micro-batches give the gradient and metrics of one step on the whole batch.
+  """
   schedule = learning_rate_schedule(config.train)
   seed = config.train.seed
+  accum = max(1, int(config.train.get("grad_accum_steps", 1)))
+  normalizers = getattr(objective, "loss_normalizers", None)
 
   def loss_fn(params, batch, rng):
     model = nnx.merge(graphdef, params)
     return objective.compute_loss(model, batch, rng, config, train=True)
 
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def gradients(params, batch, key):
+    counts = normalizers(batch, config) if normalizers is not None else {}
+
+    def one(mb, mb_rows):
+      (_, metrics), grads = grad_fn(params, dict(mb, **counts),
+                                    rng_lib.per_row(key, mb_rows))
+      return grads, metrics
+
+    if accum == 1:
+      return one(batch, jnp.arange(next(iter(batch.values())).shape[0], dtype=jnp.int32))
+    micro, rows = split_micro_batches(batch, accum)
+    shapes = jax.eval_shape(one, *jax.tree.map(lambda x: x[0], (micro, rows)))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    total, _ = jax.lax.scan(
+        lambda acc, xs: (jax.tree.map(jnp.add, acc, one(*xs)), None), zeros, (micro, rows))
+    return total
+
   def train_step(state: TrainState, batch):
-    rng = step_rng(seed, state.step)
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, rng)
+    grads, metrics = gradients(state.params, batch, step_rng(seed, state.step))
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -1,0 +1,38 @@
+"""Random keys that are one key, or one key per example (shape (B,)).
+
+With a key per example, the masks, samples and dropout of a row depend on that
+row's key alone: a micro-batch draws exactly what the whole batch draws for its
+rows, so gradient accumulation equals one step on the whole batch.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+
+
+def _is_batched(rng: jax.Array) -> bool:
+  typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  return rng.ndim > (0 if typed else 1)
+
+
+def per_row(key: jax.Array, row_ids: jax.Array) -> jax.Array:
+  """One key per example: fold_in(key, global row index). row_ids: (B,) -> (B,) keys."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(row_ids)
+
+
+def split(rng: jax.Array, n: int) -> tuple[jax.Array, ...]:
+  """n independent keys (each per row when `rng` is per row)."""
+  if not _is_batched(rng):
+    return tuple(jax.random.split(rng, n))
+  keys = jax.vmap(lambda k: jax.random.split(k, n))(rng)
+  return tuple(keys[:, i] for i in range(n))
+
+
+def draw(sampler: Callable[[jax.Array, tuple], jax.Array], rng: jax.Array,
+         shape: Sequence[int]) -> jax.Array:
+  """sampler(key, shape); with per-row keys, row i is sampler(rng[i], shape[1:])."""
+  shape = tuple(shape)
+  if not _is_batched(rng):
+    return sampler(rng, shape)
+  return jax.vmap(lambda k: sampler(k, shape[1:]))(rng)
