@@ -19,7 +19,6 @@ grain.checkpoint.CheckpointSave), deterministic by seed, sharded by process, as 
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 
 import grain
@@ -51,23 +50,13 @@ Example = tuple  # (query, positive or None, negatives tuple)
 
 
 def _jsonl_rows(path, cfg, stats):
-  with open(path, "rb") as f:
-    for n, raw in enumerate(f, 1):
-      line = stats.decode(raw, path).strip()
-      if not line:
-        continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise SystemExit(f"error: {path}:{n}: not JSON ({e.msg})") from None
-      if not isinstance(obj, dict) or cfg.query_field not in obj:
-        raise SystemExit(f"error: {path}:{n}: no field {cfg.query_field!r}")
-      negs = obj.get(cfg.negatives_field) or ()
-      if isinstance(negs, str):
-        negs = (negs,)
-      pos = obj.get(cfg.positive_field)
-      yield (str(obj[cfg.query_field]), None if pos is None else str(pos),
-             tuple(map(str, negs)))
+  for obj in prepare.iter_jsonl(path, cfg.query_field, stats):
+    negs = obj.get(cfg.negatives_field) or ()
+    if isinstance(negs, str):
+      negs = (negs,)
+    pos = obj.get(cfg.positive_field)
+    yield (str(obj[cfg.query_field]), None if pos is None else str(pos),
+           tuple(map(str, negs)))
 
 
 def _tsv_rows(path, stats):

@@ -102,7 +102,7 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
 def _text_documents(path, doc_sep, stats):
   with open(path, "rb") as f:
     if doc_sep == "line":
-      for n, raw in enumerate(f):
+      for raw in f:
         text = stats.decode(raw, path).strip()
         if text:
           yield text
@@ -119,7 +119,8 @@ def _text_documents(path, doc_sep, stats):
       yield " ".join(para)
 
 
-def _jsonl_documents(path, text_field, stats):
+def iter_jsonl(path: str, required: str, stats: SourceStats) -> Iterator[dict]:
+  """JSON objects of a JSON Lines file; each must hold the field `required`."""
   with open(path, "rb") as f:
     for n, raw in enumerate(f, 1):
       line = stats.decode(raw, path).strip()
@@ -129,11 +130,16 @@ def _jsonl_documents(path, text_field, stats):
         obj = json.loads(line)
       except json.JSONDecodeError as e:
         raise SystemExit(f"error: {path}:{n}: not JSON ({e.msg})") from None
-      if not isinstance(obj, dict) or text_field not in obj:
-        raise SystemExit(f"error: {path}:{n}: no field {text_field!r}; set --text-field")
-      text = str(obj[text_field]).strip()
-      if text:
-        yield text
+      if not isinstance(obj, dict) or required not in obj:
+        raise SystemExit(f"error: {path}:{n}: no field {required!r}; set the field name")
+      yield obj
+
+
+def _jsonl_documents(path, text_field, stats):
+  for obj in iter_jsonl(path, text_field, stats):
+    text = str(obj[text_field]).strip()
+    if text:
+      yield text
 
 
 def _tfds_documents(spec, text_field, data_dir, stats):
