@@ -33,7 +33,8 @@ class HFImportError(SystemExit):
     super().__init__(f"error: init_from: {message}")
 
 
-def _strip(path: str) -> str:
+def _strip(path) -> str:
+  path = os.fspath(path)
   path = path[3:] if path.startswith("hf:") else path
   return os.path.expanduser(path)
 
