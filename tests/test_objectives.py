@@ -11,11 +11,17 @@ from tests.helpers import random_batch, tiny_config
 
 
 def _loss_and_grads(objective, config, params, graphdef, batch, rng, key=None):
-  def f(p):
+  def f(p, batch, rng):
     loss, metrics = objective.compute_loss(nnx.merge(graphdef, p), batch, rng, config)
     return (metrics[key] if key else loss), metrics
-  (value, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
+  (value, metrics), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(
+      params, batch, rng)
   return value, metrics, grads
+
+
+def _loss(objective, config, params, graphdef, batch, rng, train=True):
+  f = lambda p, b, r: objective.compute_loss(nnx.merge(graphdef, p), b, r, config, train)
+  return jax.jit(f)(params, batch, rng)
 
 
 def _split(objective, config, seed=0):
@@ -157,7 +163,7 @@ def test_electra_labels_match_the_discriminator_input():
   cfg = tiny_config("electra", vocab_size=8)
   graphdef, params = _split(electra, cfg)
   batch = random_batch(jax.random.key(0), 8, 32, 8)
-  _, m = electra.compute_loss(nnx.merge(graphdef, params), batch, jax.random.key(2), cfg)
+  _, m = _loss(electra, cfg, params, graphdef, batch, jax.random.key(2))
   # Some masked tokens were resampled to themselves: fewer replaced than masked.
   assert 0.0 < float(m["replaced_fraction"]) < 0.9
 
@@ -171,8 +177,7 @@ def test_losses_are_finite_and_padding_invariant(name):
   batch = random_batch(jax.random.key(0), 8, 32, 64, pad_tail=6)
   other = dict(batch, input_ids=jnp.where(batch["segment_ids"] == 0, 7,
                                           batch["input_ids"]))
-  model = nnx.merge(graphdef, params)
-  l1, _ = objective.compute_loss(model, batch, jax.random.key(1), cfg, train=False)
-  l2, _ = objective.compute_loss(model, other, jax.random.key(1), cfg, train=False)
+  l1, _ = _loss(objective, cfg, params, graphdef, batch, jax.random.key(1), train=False)
+  l2, _ = _loss(objective, cfg, params, graphdef, other, jax.random.key(1), train=False)
   assert np.isfinite(float(l1))
   np.testing.assert_allclose(l1, l2, rtol=1e-5)
