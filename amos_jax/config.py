@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       corpus="demo",          # 'demo' (embedded) or a text file / glob, one doc per line
+      prepared="",            # an amos-prepare output directory (overrides corpus)
       tokenizer="",           # '' trains a sentencepiece model on the corpus
       tokenizer_type="unigram",
       eval_fraction=0.02,     # held-out documents for the eval loss
@@ -68,7 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
       clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-6, seed=0, log_every=10, eval_every=200,
       eval_batches=4, grad_accum_steps=1, max_nonfinite_steps=10))
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, topology=""))
+  # topology: a TPU pod ("v5p:4x4x4") and fake_devices: N fake CPU devices, both
+  # only for `amos-train --compile_only`.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, topology="",
+                                          fake_devices=0))
   c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, keep_period=0,
                                                 async_save=True))

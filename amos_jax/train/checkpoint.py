@@ -1,13 +1,25 @@
 """Orbax checkpoints of the train state (and, where the input pipeline has one, its
-iterator state) in `workdir/checkpoints/<step>`."""
+iterator state) in `workdir/checkpoints/<step>`.
+
+Saves are async: the step's arrays are copied off the devices (the blocking part)
+and written in the background. A save that did not finish leaves only a temporary
+directory, which Orbax never lists as a step. A listed step that fails to restore
+(corrupt or truncated files) is moved aside to `<step>.corrupt` with a warning and
+the previous step is used; nothing is ever written over a finished step.
+"""
 from __future__ import annotations
 
+import logging
 import os
+import time
 
 import orbax.checkpoint as ocp
 
+log = logging.getLogger("amos_jax")
+
 
 def make_manager(workdir: str, config) -> ocp.CheckpointManager:
+  """Keeps the latest `checkpoint.keep` steps plus every `keep_period`-th step."""
   c = config.checkpoint
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=c.every, max_to_keep=c.keep,
@@ -17,14 +29,77 @@ def make_manager(workdir: str, config) -> ocp.CheckpointManager:
       os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, force: bool = False) -> bool:
-  return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-                      force=force)
+def _data_save(data_iterator):
+  import grain
+  return grain.checkpoint.CheckpointSave(data_iterator)
 
 
-def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
-  """Restores into `abstract_state`'s shapes and shardings (this reshards)."""
-  step = manager.latest_step() if step is None else step
-  restored = manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-  return step, restored.state
+def save(manager: ocp.CheckpointManager, step: int, state, force: bool = False,
+         data_iterator=None) -> bool:
+  """Saves `state` (and the iterator's position) at `step`; False if not due.
+
+  A step already on disk is left as it is.
+  """
+  if step in manager.all_steps():
+    return False
+  items = dict(state=ocp.args.StandardSave(state))
+  if data_iterator is not None:
+    items["data"] = _data_save(data_iterator)
+  start = time.perf_counter()
+  saved = manager.save(step, args=ocp.args.Composite(**items), force=force)
+  if saved:
+    log.debug("checkpoint %d: %.3f s blocking", step, time.perf_counter() - start)
+  return saved
+
+
+def restore_step(manager: ocp.CheckpointManager, abstract_state, step: int,
+                 data_iterator=None):
+  """Restores `step` into `abstract_state`'s shapes and shardings (this reshards).
+
+  The iterator, if given, continues in place from the saved position.
+  """
+  items = dict(state=ocp.args.StandardRestore(abstract_state))
+  if data_iterator is not None:
+    import grain
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return restored.state
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state, data_iterator=None):
+  """The newest step that restores: (step, state), or (None, None) if none does.
+
+  A step that fails is moved aside and reported, and the one before it is tried.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return step, restore_step(manager, abstract_state, step, data_iterator)
+    except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+      reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+      aside = _move_aside(manager, step)
+      log.warning("checkpoint at step %d is incomplete or corrupt (%s: %s); moved to "
+                  "%s, trying the previous one", step, type(e).__name__, reason, aside)
+  return None, None
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  import jax
+  root = str(manager.directory)
+  src = os.path.join(root, str(step))
+  dst = f"{src}.corrupt"
+  if jax.process_index() == 0 and os.path.exists(src):
+    n = 0
+    while os.path.exists(dst):
+      n += 1
+      dst = f"{src}.corrupt{n}"
+    os.rename(src, dst)
+  _sync(f"amos_jax_ckpt_aside_{step}")
+  manager.reload()
+  return dst
+
+
+def _sync(name: str) -> None:
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

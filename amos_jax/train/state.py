@@ -58,13 +58,9 @@ def abstract_model(objective, config):
   return graphdef, params
 
 
-def create_train_state(objective, config, mesh, tx):
-  """Builds the model and optimizer state already sharded on `mesh`.
-
-  Returns (graphdef, state, state_shardings).
-  """
+def _init_and_shardings(objective, config, mesh, tx):
   rules = config.sharding.rules
-  graphdef, abstract_params = abstract_model(objective, config)
+  _, abstract_params = abstract_model(objective, config)
   params_sh = shd.param_shardings(abstract_params, mesh, rules)
   seed = config.train.seed
 
@@ -80,9 +76,29 @@ def create_train_state(objective, config, mesh, tx):
       step=shd.replicated(mesh), params=params_sh,
       opt_state=shd.opt_state_shardings(tx, abstract.opt_state, params_sh, mesh),
       nonfinite_streak=shd.replicated(mesh))
+  return init, abstract, state_sh
+
+
+def create_train_state(objective, config, mesh, tx):
+  """Builds the model and optimizer state already sharded on `mesh`.
+
+  Returns (graphdef, state, state_shardings).
+  """
+  graphdef, _ = abstract_model(objective, config)
+  init, _, state_sh = _init_and_shardings(objective, config, mesh, tx)
   with jax.set_mesh(mesh):
     state = jax.jit(init, out_shardings=state_sh)()
   return graphdef, state, state_sh
+
+
+def abstract_train_state(objective, config, mesh, tx):
+  """(graphdef, ShapeDtypeStructs with shardings, shardings): nothing allocated.
+
+  What `--compile_only` compiles against, on devices that need not exist.
+  """
+  graphdef, _ = abstract_model(objective, config)
+  _, abstract, state_sh = _init_and_shardings(objective, config, mesh, tx)
+  return graphdef, abstract_state(state_sh, abstract), state_sh
 
 
 def abstract_state(state_shardings, state):
