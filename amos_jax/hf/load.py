@@ -231,9 +231,11 @@ def init_params_from_hf(path: str, params_state: nnx.State, config, *,
   encoder = ("encoder",) if "encoder" in roots else ("discriminator",)
   head = ("mlm_head",) if objective == "mlm" else ("discriminator_head",)
   table = names.layout(base_arch, encoder)
+  # transformers' RTD head has two layers; a one-layer head (AMOS) reads its own file.
+  two_layer_rtd = head + ("dense", "kernel") in flat
   if head_arch is not None:
     wanted = names.MLM_HEAD if objective == "mlm" else names.RTD_HEAD
-    if head_arch in wanted:
+    if head_arch in wanted and (objective == "mlm" or two_layer_rtd):
       table.update(names.layout(head_arch, encoder, head))
   loaded, used = _fill(flat, state, table, (encoder, head), path, strict=(encoder,))
   extra = _unexpected(state, used, names.BASE_PREFIX[base_arch], head_arch)
@@ -245,8 +247,7 @@ def init_params_from_hf(path: str, params_state: nnx.State, config, *,
 
   # AMOS's one-layer RTD head travels next to the two-layer transformers head.
   rtd_file = os.path.join(path, RTD_HEAD_FILE)
-  if head == ("discriminator_head",) and os.path.isfile(rtd_file) and not any(
-      p[:1] == head for p in loaded) and ("discriminator_head", "dense", "kernel") not in flat:
+  if head == ("discriminator_head",) and not two_layer_rtd and os.path.isfile(rtd_file):
     from safetensors.numpy import load_file
     extra_state = load_file(rtd_file)
     got, _ = _fill(flat, extra_state, {head + ("dense_prediction",): "dense_prediction"},
