@@ -70,12 +70,12 @@ def make_train_step(graphdef, objective, config, tx):
 
   def train_step(state: TrainState, batch):
     grads, metrics = gradients(state.params, batch, step_rng(seed, state.step))
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # Non-finite guard: a step whose gradients (or updates: an overflowing learning
     # rate) are not finite changes nothing but the counters.
-    finite = jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(state.step),
                    skipped=(~finite).astype(jnp.float32))
