@@ -32,6 +32,10 @@ EXTRAS = {
         # TPU topologies on a CPU-only machine, for ahead-of-time compiles of pod
         # steps; the version jax==0.10.2's own `tpu` extra asks for.
         "libtpu==0.0.42.1",
+        # Hugging Face parity tests (PyTorch CPU; the Makefile installs torch first).
+        "torch==2.13.0",
+        "transformers==5.23.0",
+        "sentence-transformers==6.2.0",
     ],
 }
 
@@ -47,6 +51,7 @@ setup(
         "console_scripts": [
             "amos-train=amos_jax.cli:train_main",
             "amos-prepare=amos_jax.data.prepare:main",
+            "amos-export=amos_jax.hf.export:main",
         ],
     },
 )
