@@ -1,0 +1,53 @@
+"""Checkpoint save (blocking part vs total) and restore time of a config's train state.
+
+python benchmarks/checkpoint_timing.py --config configs/electra.py:base --dir /tmp/ckpt
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+
+import jax
+
+from amos_jax.config import load_config_file
+from amos_jax.objectives import get_objective
+from amos_jax.train import checkpoint as ckpt
+from amos_jax.train import sharding as shd
+from amos_jax.train.state import abstract_state, create_train_state, make_optimizer
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--config", default="configs/electra.py:base")
+  p.add_argument("--dir", default="/tmp/amos_ckpt_timing")
+  p.add_argument("--repeats", type=int, default=2)
+  args = p.parse_args()
+  config = load_config_file(args.config)
+  objective = get_objective(config.objective.name)
+  mesh = shd.build_mesh(config.mesh)
+  tx = make_optimizer(config.train)
+  _, state, state_sh = create_train_state(objective, config, mesh, tx)
+  jax.block_until_ready(state)
+  size = sum(x.nbytes for x in jax.tree.leaves(state))
+  shutil.rmtree(args.dir, ignore_errors=True)
+  manager = ckpt.make_manager(args.dir, config)
+  for i in range(args.repeats):
+    step = 1000 * (i + 1)
+    start = time.perf_counter()
+    ckpt.save(manager, step, state, force=True)
+    blocking = time.perf_counter() - start
+    manager.wait_until_finished()
+    total = time.perf_counter() - start
+    print(f"save step {step}: {size / 2**20:.0f} MiB, blocking {blocking:.2f} s, "
+          f"total {total:.2f} s")
+  for _ in range(args.repeats):
+    start = time.perf_counter()
+    _, restored = ckpt.restore(manager, abstract_state(state_sh, state))
+    jax.block_until_ready(restored)
+    print(f"restore: {time.perf_counter() - start:.2f} s")
+  manager.close()
+
+
+if __name__ == "__main__":
+  main()
