@@ -38,7 +38,8 @@ DEFAULT_RULES = (
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.init_from = ""
+  c.init_from = ""              # hf:PATH starts from a Hugging Face checkpoint
+  c.init_from_allow_pickle = False  # allow pytorch_model.bin (torch.load weights_only)
 
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=30522, max_position_embeddings=512, type_vocab_size=2,

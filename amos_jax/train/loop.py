@@ -140,11 +140,18 @@ class _PreparedData:
 def init_from(config, state):
   """Replaces the fresh parameters with those of `config.init_from` (hf:PATH).
 
-  Runs only when the run starts from scratch; a resumed run restores its own
-  checkpoint instead. Parameters keep the shardings of `state.params`.
+  Parameters the checkpoint lacks (e.g. heads) keep their initialization and are
+  listed in the log. The optimizer state needs no change: fresh Adam moments are
+  zeros whatever the parameters are.
   """
-  raise config_lib.ConfigError(
-      f"init_from={config.init_from!r}: importing checkpoints is not supported yet")
+  from amos_jax.hf.load import format_report, init_params_from_hf
+  if not config.init_from.startswith("hf:"):
+    raise config_lib.ConfigError(
+        f"init_from={config.init_from!r}: use hf:PATH (a Hugging Face model folder)")
+  params, report = init_params_from_hf(config.init_from, state.params, config)
+  if jax.process_index() == 0:
+    log.info(format_report(report))
+  return state.replace(params=params)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
