@@ -63,8 +63,7 @@ def time_step(config_spec, batch_size, seq_len, data_dir, steps):
   from amos_jax.objectives import get_objective
   from amos_jax.train import sharding as shd
   from amos_jax.train.loop import _to_global
-  from amos_jax.train.state import create_train_state, make_optimizer
-  from amos_jax.train.step import make_train_step
+  from amos_jax.train.step import build_trainer
 
   config = load_config_file(config_spec)
   with config.unlocked():
@@ -74,14 +73,9 @@ def time_step(config_spec, batch_size, seq_len, data_dir, steps):
                                                seq_len)
     config.data.mask_id = 4
     config.data.special_ids = (0, 1, 2, 3, 4)
-  objective = get_objective(config.objective.name)
-  mesh = shd.build_mesh(config.mesh)
-  tx = make_optimizer(config.train)
-  graphdef, state, state_sh = create_train_state(objective, config, mesh, tx)
-  batch_sh = shd.batch_sharding(mesh)
-  step = jax.jit(make_train_step(graphdef, objective, config, tx),
-                 in_shardings=(state_sh, batch_sh),
-                 out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=0)
+  trainer = build_trainer(get_objective(config.objective.name), config,
+                          shd.build_mesh(config.mesh))
+  state, batch_sh, step = trainer.state, trainer.batch_sharding, trainer.train_step
   it = pl.make_iterator(pl.PipelineConfig(data_dir, seq_len=seq_len,
                                           global_batch_size=batch_size))
   batch = _to_global(next(it), batch_sh)

@@ -31,8 +31,7 @@ def main(argv=None):
   from amos_jax.model.partitioning import axis_rules
   from amos_jax.objectives import get_objective
   from amos_jax.train import sharding as shd
-  from amos_jax.train.state import create_train_state, make_optimizer
-  from amos_jax.train.step import make_train_step
+  from amos_jax.train.step import build_trainer
 
   config = config_lib.load_config_file(args.config)
   config.train.batch_size, config.train.seq_len = args.batch_size, args.seq_len
@@ -46,13 +45,9 @@ def main(argv=None):
       node = node[k]
     node[leaf] = ast.literal_eval(value)
   config_lib.validate(config, jax.device_count())
-  objective = get_objective(config.objective.name)
   mesh = shd.build_mesh(config.mesh)
-  tx = make_optimizer(config.train)
-  graphdef, state, state_sh = create_train_state(objective, config, mesh, tx)
-  batch_sh = shd.batch_sharding(mesh)
-  step = jax.jit(make_train_step(graphdef, objective, config, tx),
-                 in_shardings=(state_sh, batch_sh), donate_argnums=0)
+  trainer = build_trainer(get_objective(config.objective.name), config, mesh)
+  state, batch_sh, step = trainer.state, trainer.batch_sharding, trainer.train_step
   rng = np.random.default_rng(0)
   b, t = args.batch_size, args.seq_len
   ids = rng.integers(5, config.model.vocab_size, (b, t), dtype=np.int32)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from amos_jax.objectives import amos, electra, get_objective, mlm
+from amos_jax.objectives import amos, electra, get_objective
 from amos_jax.objectives.electra import replaced_token_labels
 from tests.helpers import random_batch, tiny_config
 

@@ -22,7 +22,7 @@ def _sentencepiece_to_tokenizers(tok: SentencePieceTokenizer):
   """A `tokenizers.Tokenizer` that segments text as the sentencepiece model does."""
   from sentencepiece import sentencepiece_model_pb2
   from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer
-  from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+  from tokenizers import decoders, models, normalizers, pre_tokenizers
 
   proto = sentencepiece_model_pb2.ModelProto()
   proto.ParseFromString(tok._proto)

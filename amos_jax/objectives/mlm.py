@@ -1,7 +1,6 @@
 """BERT masked-language-model pre-training (the MLM baseline)."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

@@ -23,9 +23,8 @@ from amos_jax.objectives import get_objective
 from amos_jax.train import checkpoint as ckpt
 from amos_jax.train import sharding as shd
 from amos_jax.train.metrics import MetricsWriter
-from amos_jax.train.state import (abstract_state, abstract_train_state, create_train_state,
-                                  make_optimizer)
-from amos_jax.train.step import make_eval_step, make_train_step
+from amos_jax.train.state import abstract_state, abstract_train_state, make_optimizer
+from amos_jax.train.step import build_trainer, make_eval_step, make_train_step
 
 log = logging.getLogger("amos_jax")
 
@@ -177,8 +176,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=2))
 
   # ------------------------------------------------- model and optimizer
-  tx = make_optimizer(t)
-  graphdef, state, state_sh = create_train_state(objective, config, mesh, tx)
+  trainer = build_trainer(objective, config, mesh)
+  graphdef, state, state_sh = trainer.graphdef, trainer.state, trainer.state_shardings
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   if primary:
     log.info("model: %s, %.2fM parameters, mesh %s", config.objective.name,
@@ -199,10 +198,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   start_step = int(jax.device_get(state.step))
 
   # ---------------------------------------------------------------- compile
-  batch_sh = shd.batch_sharding(mesh)
-  train_step = jax.jit(make_train_step(graphdef, objective, config, tx),
-                       in_shardings=(state_sh, batch_sh),
-                       out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=0)
+  batch_sh, train_step = trainer.batch_sharding, trainer.train_step
   eval_step = jax.jit(make_eval_step(graphdef, objective, config),
                       in_shardings=(state_sh.params, batch_sh, None),
                       out_shardings=shd.replicated(mesh))

@@ -1,6 +1,8 @@
 """The pure train and eval steps: `step(state, batch) -> (state, metrics)`."""
 from __future__ import annotations
 
+from typing import Any, Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -8,7 +10,9 @@ from flax import nnx
 
 from amos_jax.model import rng as rng_lib
 from amos_jax.model.partitioning import constrain
-from amos_jax.train.state import TrainState, learning_rate_schedule
+from amos_jax.train import sharding as shd
+from amos_jax.train.state import (TrainState, create_train_state, learning_rate_schedule,
+                                  make_optimizer)
 
 
 def step_rng(seed: int, step) -> jax.Array:
@@ -99,3 +103,22 @@ def make_eval_step(graphdef, objective, config):
     return metrics
 
   return eval_step
+
+
+class Trainer(NamedTuple):
+  graphdef: Any
+  state: Any              # TrainState, sharded on the mesh
+  state_shardings: Any
+  batch_sharding: Any
+  train_step: Callable    # jitted, state donated
+
+
+def build_trainer(objective, config, mesh) -> Trainer:
+  """Model and optimizer born sharded on `mesh`, and the jitted train step."""
+  tx = make_optimizer(config.train)
+  graphdef, state, state_sh = create_train_state(objective, config, mesh, tx)
+  batch_sh = shd.batch_sharding(mesh)
+  step = jax.jit(make_train_step(graphdef, objective, config, tx),
+                 in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=0)
+  return Trainer(graphdef, state, state_sh, batch_sh, step)
