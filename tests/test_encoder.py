@@ -57,7 +57,8 @@ def test_remat_changes_nothing_but_memory():
 
   g0, g1 = grads(CFG), grads(dataclasses.replace(CFG, remat=True))
   for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    # Recomputation may fuse differently: equal up to float32 rounding.
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * float(np.abs(x).max()))
 
 
 def test_every_parameter_has_logical_axis_names():
