@@ -52,13 +52,14 @@ def test_remat_changes_nothing_but_memory():
   def grads(cfg):
     model = Encoder(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
-    loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(ids, seg)[-1] ** 2)
+    # A random readout: the squared norm of a LayerNorm output is nearly constant.
+    w = jax.random.normal(jax.random.key(1), (2, 8, 32))
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(ids, seg)[-1] * w)
     return jax.jit(jax.grad(loss))(params)
 
   g0, g1 = grads(CFG), grads(dataclasses.replace(CFG, remat=True))
   for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-    # Recomputation may fuse differently: equal up to float32 rounding.
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * float(np.abs(x).max()))
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
 def test_every_parameter_has_logical_axis_names():
