@@ -231,14 +231,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
         state, metrics = train_step(state, batch)
         step += 1
         window_steps += 1
-        bar.update(1)
         if step % t.log_every == 0 or step == t.steps or step == start_step + 1:
           metrics = jax.device_get(metrics)
           elapsed = time.perf_counter() - window_start
           metrics["step_time"] = elapsed / window_steps
           metrics["tokens_per_sec"] = tokens_per_step * window_steps / elapsed
           last = writer.write(step, metrics)
+          # Steps are dispatched asynchronously; the bar advances only here, where
+          # the host has waited for them, so its rate is the real one.
           bar.set_postfix(loss=f"{last['loss']:.3f}", refresh=False)
+          bar.update(window_steps)
           window_start, window_steps = time.perf_counter(), 0
           streak = int(jax.device_get(state.nonfinite_streak))
           if t.max_nonfinite_steps and streak >= t.max_nonfinite_steps:
