@@ -196,6 +196,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # ------------------------------------------------------------ init_from
     state = init_from(config, state)
   start_step = int(jax.device_get(state.step))
+  if start_step >= t.steps and primary:
+    log.info("%s already holds step %d of train.steps=%d: nothing to train (raise "
+             "--config.train.steps to continue, or use a new --workdir)", workdir,
+             start_step, t.steps)
 
   # ---------------------------------------------------------------- compile
   batch_sh, train_step = trainer.batch_sharding, trainer.train_step
