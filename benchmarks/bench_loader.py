@@ -62,7 +62,6 @@ def time_step(config_spec, batch_size, seq_len, data_dir, steps):
   from amos_jax.config import load_config_file
   from amos_jax.objectives import get_objective
   from amos_jax.train import sharding as shd
-  from amos_jax.train.loop import _to_global
   from amos_jax.train.step import build_trainer
 
   config = load_config_file(config_spec)
@@ -73,17 +72,17 @@ def time_step(config_spec, batch_size, seq_len, data_dir, steps):
                                                seq_len)
     config.data.mask_id = 4
     config.data.special_ids = (0, 1, 2, 3, 4)
-  trainer = build_trainer(get_objective(config.objective.name), config,
-                          shd.build_mesh(config.mesh))
+  trainer_mesh = shd.build_mesh(config.mesh)
+  trainer = build_trainer(get_objective(config.objective.name), config, trainer_mesh)
   state, batch_sh, step = trainer.state, trainer.batch_sharding, trainer.train_step
   it = pl.make_iterator(pl.PipelineConfig(data_dir, seq_len=seq_len,
                                           global_batch_size=batch_size))
-  batch = _to_global(next(it), batch_sh)
+  batch = pl.to_global_arrays(next(it), trainer_mesh, batch_sh)
   state, m = step(state, batch)  # compile
   jax.block_until_ready(m)
   start = time.perf_counter()
   for _ in range(steps):
-    state, m = step(state, _to_global(next(it), batch_sh))
+    state, m = step(state, pl.to_global_arrays(next(it), trainer_mesh, batch_sh))
   jax.block_until_ready(m)
   dt = (time.perf_counter() - start) / steps
   return batch_size * seq_len / dt, dt

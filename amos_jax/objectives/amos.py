@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from amos_jax.objectives import electra, masking
-from amos_jax.objectives.mlm import masking_config
+from amos_jax.objectives.mlm import mask_batch
 from amos_jax.objectives.sampling import (gumbel_noise, gumbel_softmax_straight_through,
                                           reverse_gradient)
 
@@ -51,8 +51,7 @@ def compute_loss(model: electra.ReplacedTokenDetection, batch, rng, config,
   obj = config.objective
   taps = tap_layers(config)
   r_mask, r_gen, r_sample, r_disc = electra.split_step_rng(rng)
-  masked = masking.mask_tokens(r_mask, batch["input_ids"], batch["segment_ids"],
-                               masking_config(config), batch.get("word_starts"))
+  masked = mask_batch(r_mask, batch, config)
   hidden_states = model.generator(
       masked.input_ids, batch["segment_ids"], batch.get("positions"),
       batch.get("token_type_ids"),

@@ -18,7 +18,7 @@ from amos_jax.model import rng as rng_lib
 from amos_jax.model.encoder import Encoder, EncoderConfig, dense
 from amos_jax.model.heads import MLMHead, RTDHead
 from amos_jax.objectives import masking
-from amos_jax.objectives.mlm import loss_normalizers, masking_config  # noqa: F401
+from amos_jax.objectives.mlm import loss_normalizers, mask_batch  # noqa: F401
 from amos_jax.objectives.sampling import gumbel_max_sample, gumbel_noise
 
 
@@ -99,8 +99,7 @@ def compute_loss(model: ReplacedTokenDetection, batch, rng, config, train: bool 
   """ELECTRA's loss: MLM on the generator + rtd_weight * RTD. Returns (loss, metrics)."""
   obj = config.objective
   r_mask, r_gen, r_sample, r_disc = split_step_rng(rng)
-  masked = masking.mask_tokens(r_mask, batch["input_ids"], batch["segment_ids"],
-                               masking_config(config), batch.get("word_starts"))
+  masked = mask_batch(r_mask, batch, config)
   gen_hidden = model.generator(
       masked.input_ids, batch["segment_ids"], batch.get("positions"),
       batch.get("token_type_ids"),

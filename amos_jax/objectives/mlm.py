@@ -26,8 +26,7 @@ def build_model(config, rngs: nnx.Rngs) -> MaskedLanguageModel:
 def compute_loss(model: MaskedLanguageModel, batch, rng, config, train: bool = True):
   """Mean MLM cross-entropy over the masked positions. Returns (loss, metrics)."""
   r_mask, r_dropout = rng_lib.split(rng, 2)
-  masked = masking.mask_tokens(r_mask, batch["input_ids"], batch["segment_ids"],
-                               masking_config(config), batch.get("word_starts"))
+  masked = mask_batch(r_mask, batch, config)
   hidden = model.encoder(
       masked.input_ids, batch["segment_ids"], batch.get("positions"),
       batch.get("token_type_ids"), dropout_rng=r_dropout if train else None)[-1]
@@ -48,6 +47,12 @@ def loss_normalizers(batch, config) -> dict:
                                    masking_config(config))
   return {"num_predictions": counts.sum(),
           "num_tokens": (batch["segment_ids"] > 0).sum().astype(jnp.float32)}
+
+
+def mask_batch(rng, batch, config) -> masking.Masked:
+  """Masks a batch as the config says (every objective masks through this)."""
+  return masking.mask_tokens(rng, batch["input_ids"], batch["segment_ids"],
+                             masking_config(config), batch.get("word_starts"))
 
 
 def masking_config(config) -> masking.MaskingConfig:

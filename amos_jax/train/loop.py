@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from amos_jax import config as config_lib
 from amos_jax.data import sequences
+from amos_jax.data.pipeline import to_global_arrays
 from amos_jax.model.partitioning import axis_rules
 from amos_jax.objectives import get_objective
 from amos_jax.train import checkpoint as ckpt
@@ -47,11 +48,6 @@ class _Preemption:
   def restore(self):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
-
-
-def _to_global(batch: dict, sharding) -> dict:
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
 
 
 def _any_process(flag: bool) -> bool:
@@ -206,7 +202,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   eval_step = jax.jit(make_eval_step(graphdef, objective, config),
                       in_shardings=(state_sh.params, batch_sh, None),
                       out_shardings=shd.replicated(mesh))
-  eval_batches = [_to_global(b, batch_sh) for b in data.eval_batches(t.eval_batches)]
+  eval_batches = [to_global_arrays(b, mesh, batch_sh) for b in data.eval_batches(t.eval_batches)]
 
   def evaluate(params, step):
     if not eval_batches:
@@ -231,7 +227,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   try:
     with jax.set_mesh(mesh), axis_rules(rules):
       while step < t.steps:
-        batch = _to_global(data.batch(step), batch_sh)
+        batch = to_global_arrays(data.batch(step), mesh, batch_sh)
         state, metrics = train_step(state, batch)
         step += 1
         window_steps += 1

@@ -59,8 +59,9 @@ def abstract_model(objective, config):
 
 
 def _init_and_shardings(objective, config, mesh, tx):
+  """(graphdef, init fn, abstract state, state shardings); traces the model once."""
   rules = config.sharding.rules
-  _, abstract_params = abstract_model(objective, config)
+  graphdef, abstract_params = abstract_model(objective, config)
   params_sh = shd.param_shardings(abstract_params, mesh, rules)
   seed = config.train.seed
 
@@ -76,7 +77,7 @@ def _init_and_shardings(objective, config, mesh, tx):
       step=shd.replicated(mesh), params=params_sh,
       opt_state=shd.opt_state_shardings(tx, abstract.opt_state, params_sh, mesh),
       nonfinite_streak=shd.replicated(mesh))
-  return init, abstract, state_sh
+  return graphdef, init, abstract, state_sh
 
 
 def create_train_state(objective, config, mesh, tx):
@@ -84,8 +85,7 @@ def create_train_state(objective, config, mesh, tx):
 
   Returns (graphdef, state, state_shardings).
   """
-  graphdef, _ = abstract_model(objective, config)
-  init, _, state_sh = _init_and_shardings(objective, config, mesh, tx)
+  graphdef, init, _, state_sh = _init_and_shardings(objective, config, mesh, tx)
   with jax.set_mesh(mesh):
     state = jax.jit(init, out_shardings=state_sh)()
   return graphdef, state, state_sh
@@ -96,8 +96,7 @@ def abstract_train_state(objective, config, mesh, tx):
 
   What `--compile_only` compiles against, on devices that need not exist.
   """
-  graphdef, _ = abstract_model(objective, config)
-  _, abstract, state_sh = _init_and_shardings(objective, config, mesh, tx)
+  graphdef, _, abstract, state_sh = _init_and_shardings(objective, config, mesh, tx)
   return graphdef, abstract_state(state_sh, abstract), state_sh
 
 
