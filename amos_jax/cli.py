@@ -74,7 +74,19 @@ def _compile_only(loop, config) -> None:
   print(aot.format_memory_report(report))
 
 
+def _check_config_path(argv: list[str]) -> None:
+  """A missing --config file is one error line, not the flag parser's traceback."""
+  import os
+  for i, arg in enumerate(argv):
+    value = (arg.split("=", 1)[1] if arg.startswith("--config=") else
+             argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+    if value is not None and not os.path.isfile(value.split(":", 1)[0]):
+      raise SystemExit(f"error: --config: no such file {value.split(':', 1)[0]!r}; give "
+                       "configs/NAME.py[:ARG]")
+
+
 def train_main():
+  _check_config_path(sys.argv[1:])
   app.run(_train)
 
 

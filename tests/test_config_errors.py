@@ -53,3 +53,13 @@ def test_amos_train_prints_one_error_line(tmp_path, flag, field):
   assert "Traceback" not in r.stderr, r.stderr[-2000:]
   assert lines[-1].startswith("error: ") and field in lines[-1], r.stderr[-2000:]
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_config_file_is_one_error_line(tmp_path):
+  r = subprocess.run([sys.executable, "-c", "from amos_jax.cli import train_main; "
+                      "train_main()", "--config", "configs/nope.py:base", "--workdir",
+                      str(tmp_path)], capture_output=True, text=True, timeout=120,
+                     cwd=ROOT, env=env_for())
+  assert r.returncode != 0
+  assert "Traceback" not in r.stderr
+  assert r.stderr.strip().splitlines()[-1].startswith("error: --config: no such file")
