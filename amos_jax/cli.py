@@ -1,29 +1,31 @@
-"""Command-line entry points.
+"""Command-line entry points; the only place an `AmosError` becomes `error: ...`.
 
 amos-train --config configs/X.py[:ARG] --workdir DIR [--config.KEY=VALUE ...]
 amos-train --config configs/X.py[:ARG] --compile_only [--config.mesh.topology=v5p:4x4x4]
+amos-prepare ...   (amos_jax/data/prepare.py)
+amos-export ...    (amos_jax/hf/export.py)
+
+Every entry point runs through `run_command`: an expected failure (any `AmosError`)
+prints one `error:` line on stderr and exits with status 2; nothing else is caught.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
+from typing import Callable
 
-from absl import app, flags
-from ml_collections import config_flags
+from amos_jax.errors import AmosError, ConfigError, one_line
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).")
-_COMPILE_ONLY = flags.DEFINE_bool(
-    "compile_only", False,
-    "Lower and compile the train step for the configured mesh (mesh.topology for a "
-    "TPU pod, mesh.fake_devices for fake CPU devices), print the memory per device "
-    "and exit; reads no data.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 for jax.distributed (default: "
-    "detected from the launcher: Cloud TPU, SLURM, Open MPI).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+def run_command(main: Callable[[], int | None]) -> int:
+  """Runs `main()`; an AmosError becomes one `error:` line and status 2."""
+  try:
+    return int(main() or 0)
+  except AmosError as e:
+    sys.stdout.flush()
+    print(f"error: {one_line(e)}", file=sys.stderr)
+    return 2
 
 
 def _quiet_logging() -> None:
@@ -35,38 +37,87 @@ def _quiet_logging() -> None:
   logging.getLogger("amos_jax").setLevel(logging.INFO)
 
 
-def _train(argv):
-  del argv
+# --------------------------------------------------------------------- amos-train
+def _train_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="amos-train", description="Pre-train (or fine-tune) an encoder.",
+      epilog="Any config key can be set with --config.KEY=VALUE, e.g. "
+             "--config.train.steps=1000 --config.model.dtype=bfloat16.")
+  p.add_argument("--config", help="configs/NAME.py[:ARG]")
+  p.add_argument("--workdir", help="run directory (checkpoints, metrics, config.json)")
+  p.add_argument("--compile_only", action="store_true",
+                 help="lower and compile the train step for the configured mesh "
+                 "(mesh.topology for a TPU pod, mesh.fake_devices for fake CPU devices), "
+                 "print the memory per device and exit; reads no data")
+  p.add_argument("--allow_config_change", action="store_true",
+                 help="resume a workdir whose saved config differs only in keys that "
+                 "are safe to change (train.steps, learning-rate schedule, eval, "
+                 "logging, checkpoint cadence)")
+  p.add_argument("--coordinator_address", default=None,
+                 help="host:port of process 0 for jax.distributed (default: detected "
+                 "from the launcher: Cloud TPU, SLURM, Open MPI)")
+  p.add_argument("--num_processes", type=int, default=None)
+  p.add_argument("--process_id", type=int, default=None)
+  return p
+
+
+def split_config_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+  """Separates `--config.KEY=VALUE` (or `--config.KEY VALUE`) from the other flags."""
+  rest, overrides = [], []
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config."):
+      key, eq, value = arg[len("--config."):].partition("=")
+      if not eq:
+        if i + 1 >= len(argv):
+          raise ConfigError(f"--config.{key} needs a value: --config.{key}=VALUE")
+        i += 1
+        value = argv[i]
+      overrides.append((key, value))
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+def parse_train_args(argv: list[str]):
+  """(args, frozen config) from amos-train's command line; all errors are AmosError."""
+  from amos_jax import config as config_lib
+  rest, overrides = split_config_overrides(argv)
+  parser = _train_parser()
+  args, unknown = parser.parse_known_args(rest)
+  if unknown:
+    raise ConfigError(f"unknown argument {unknown[0]!r}; see amos-train --help")
+  if not args.config:
+    raise ConfigError("amos-train needs --config configs/X.py[:ARG] and --workdir DIR "
+                      "(or --compile_only)")
+  if not args.workdir and not args.compile_only:
+    raise ConfigError("amos-train needs --workdir DIR (or --compile_only)")
+  config = config_lib.load_config_file(args.config)
+  config_lib.apply_overrides(config, overrides)
+  return args, config_lib.freeze(config)
+
+
+def _train(argv: list[str]) -> int:
   _quiet_logging()
+  args, config = parse_train_args(argv)
   # Before anything touches a JAX backend: a multi-process run joins here.
   from amos_jax.train.distributed import maybe_initialize_distributed
-  try:
-    maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                 _PROCESS_ID.value)
-  except ValueError as e:
-    raise SystemExit(str(e) if str(e).startswith("error:") else f"error: {e}") from None
-  if _CONFIG.value is None or (not _WORKDIR.value and not _COMPILE_ONLY.value):
-    raise SystemExit("error: amos-train needs --config configs/X.py[:ARG] and --workdir DIR "
-                     "(or --compile_only)")
-  from amos_jax.config import ConfigError
+  maybe_initialize_distributed(args.coordinator_address, args.num_processes,
+                               args.process_id)
   from amos_jax.train import loop
-  try:
-    if _COMPILE_ONLY.value:
-      _compile_only(loop, _CONFIG.value)
-    else:
-      loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except ConfigError as e:
-    raise SystemExit(f"error: {e}") from None
+  if args.compile_only:
+    _compile_only(loop, config)
+  else:
+    loop.train_and_evaluate(config, args.workdir,
+                            allow_config_change=args.allow_config_change)
+  return 0
 
 
 def _compile_only(loop, config) -> None:
   from amos_jax.train import aot
-  try:
-    report = loop.compile_train_step(config)
-  except RuntimeError as e:  # libtpu missing, unknown topology, too few CPU devices
-    if str(e).startswith("error:"):
-      raise SystemExit(str(e)) from None
-    raise
+  report = loop.compile_train_step(config)
   mesh = " x ".join(f"{k}={v}" for k, v in report["mesh"].items())
   print(f"{config.objective.name}: {report['parameters'] / 1e6:.1f}M parameters, "
         f"global batch {config.train.batch_size} x {config.train.seq_len}, "
@@ -74,21 +125,20 @@ def _compile_only(loop, config) -> None:
   print(aot.format_memory_report(report))
 
 
-def _check_config_path(argv: list[str]) -> None:
-  """A missing --config file is one error line, not the flag parser's traceback."""
-  import os
-  for i, arg in enumerate(argv):
-    value = (arg.split("=", 1)[1] if arg.startswith("--config=") else
-             argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
-    if value is not None and not os.path.isfile(value.split(":", 1)[0]):
-      raise SystemExit(f"error: --config: no such file {value.split(':', 1)[0]!r}; give "
-                       "configs/NAME.py[:ARG]")
+def train_main(argv: list[str] | None = None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  sys.exit(run_command(lambda: _train(argv)))
 
 
-def train_main():
-  _check_config_path(sys.argv[1:])
-  app.run(_train)
+def prepare_main(argv: list[str] | None = None) -> None:
+  from amos_jax.data import prepare
+  sys.exit(run_command(lambda: prepare.main(argv)))
+
+
+def export_main(argv: list[str] | None = None) -> None:
+  from amos_jax.hf import export
+  sys.exit(run_command(lambda: export.main(argv)))
 
 
 if __name__ == "__main__":
-  sys.exit(train_main())
+  train_main()

@@ -8,6 +8,13 @@ line naming the field, before anything is compiled.
 from __future__ import annotations
 
 import ml_collections
+import numpy as np
+
+from amos_jax.errors import AmosError, ConfigError, one_line
+
+# The mesh axes, named here once: `config.mesh` has a size per axis, the rules table
+# maps logical names onto them, and `train/sharding.py` builds the Mesh with them.
+MESH_AXES = ("data", "fsdp", "tensor")
 
 # Paper sizes. ELECTRA: small 256x12 (E=128), base 768x12, large 1024x24.
 MODEL_SIZES = {
@@ -61,11 +68,11 @@ def base_config() -> ml_collections.ConfigDict:
       prepared="",            # an amos-prepare output directory (overrides corpus)
       tokenizer="",           # '' trains a sentencepiece model on the corpus
       tokenizer_type="unigram",
-      eval_fraction=0.02,     # held-out documents for the eval loss
-      mask_id=4, special_ids=(0, 1, 2, 3, 4)))
+      eval_fraction=0.02))    # held-out documents for the eval loss
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=128, seq_len=128, learning_rate=5e-4, warmup_steps=100,
+      warmup_fraction=0.0,    # > 0: warm up over this fraction of train.steps instead
       schedule="linear", end_learning_rate_fraction=0.0, weight_decay=0.01,
       clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-6, seed=0, log_every=10, eval_every=200,
       eval_batches=4, grad_accum_steps=1, max_nonfinite_steps=10))
@@ -80,21 +87,21 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def set_size(c: ml_collections.ConfigDict, size: str) -> None:
+def set_size(c: ml_collections.ConfigDict, size: str, config_file: str = "") -> None:
   if size not in MODEL_SIZES:
-    raise ValueError(f"unknown size {size!r}; choose one of {sorted(MODEL_SIZES)}")
+    where = f"{config_file}:{size}" if config_file else f"size {size!r}"
+    raise ConfigError(f"{where} is not a model size; choose one of "
+                      f"{', '.join(MODEL_SIZES)}")
   c.model.update(MODEL_SIZES[size])
 
 
-class ConfigError(ValueError):
-  """A config value that cannot work; the message is one line naming the field."""
-
-
-def resolve_mesh_shape(mesh, num_devices: int) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) with one -1 filled from the device count."""
-  shape = [int(mesh.data), int(mesh.fsdp), int(mesh.tensor)]
+def resolve_mesh_shape(mesh, num_devices: int) -> tuple[int, ...]:
+  """The mesh shape over MESH_AXES with one -1 filled from the device count."""
+  names = " x ".join(f"mesh.{a}" for a in MESH_AXES)
+  shape = [int(mesh[a]) for a in MESH_AXES]
   if shape.count(-1) > 1:
-    raise ConfigError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    raise ConfigError(f"mesh: at most one of {', '.join(f'mesh.{a}' for a in MESH_AXES)} "
+                      "may be -1")
   known = 1
   for s in shape:
     if s != -1:
@@ -104,81 +111,199 @@ def resolve_mesh_shape(mesh, num_devices: int) -> tuple[int, int, int]:
   if -1 in shape:
     if num_devices % known:
       raise ConfigError(
-          f"mesh: {num_devices} devices do not divide into mesh.fsdp x mesh.tensor = "
-          f"{known}; set mesh sizes whose product divides {num_devices}")
+          f"mesh: {num_devices} devices do not divide into the fixed mesh sizes "
+          f"(product {known}); set mesh sizes whose product divides {num_devices}")
     shape[shape.index(-1)] = num_devices // known
-  if shape[0] * shape[1] * shape[2] != num_devices:
+  total = int(np.prod(shape))
+  if total != num_devices:
     raise ConfigError(
-        f"mesh: mesh.data x mesh.fsdp x mesh.tensor = {shape[0]}x{shape[1]}x{shape[2]} "
-        f"= {shape[0] * shape[1] * shape[2]} does not match the {num_devices} devices; "
-        "set one of them to -1 to fill")
+        f"mesh: {names} = {'x'.join(map(str, shape))} = {total} does not match the "
+        f"{num_devices} devices; set one of them to -1 to fill")
   return tuple(shape)
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
-  """Checks the config against itself and the devices; returns the mesh shape."""
-  from amos_jax.objectives import OBJECTIVES
-  m, o, t = c.model, c.objective, c.train
-  if o.name not in OBJECTIVES:
-    raise ConfigError(f"objective.name={o.name!r} is unknown; choose one of "
-                      f"{', '.join(OBJECTIVES)}")
+def warmup_steps(t) -> int:
+  """`train.warmup_steps`, or `train.warmup_fraction` of `train.steps` when set."""
+  if t.get("warmup_fraction"):
+    return int(round(float(t.warmup_fraction) * t.steps))
+  return int(t.warmup_steps)
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Checks the config against itself and the devices; returns the mesh shape.
+
+  Generic sections here; the objective checks its own section
+  (`Objective.validate_config`). Every failure is one ConfigError line naming the key.
+  """
+  from amos_jax.objectives import get_objective_class
+  m, t = c.model, c.train
+  objective = get_objective_class(c.objective.name)
   if m.hidden_size % m.num_heads:
     raise ConfigError(f"model.num_heads={m.num_heads} does not divide "
                       f"model.hidden_size={m.hidden_size}; pick a divisor")
+  for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+              "max_position_embeddings"):
+    if int(m[key]) < 1:
+      raise ConfigError(f"model.{key}={m[key]} must be >= 1")
   if t.seq_len > m.max_position_embeddings:
     raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings="
                       f"{m.max_position_embeddings}")
-  if not 0.0 < o.mask_rate < 1.0:
-    raise ConfigError(f"objective.mask_rate={o.mask_rate} must be in (0, 1)")
-  from amos_jax.objectives.masking import SCHEMES
-  if o.mask_scheme not in SCHEMES:
-    raise ConfigError(f"objective.mask_scheme={o.mask_scheme!r} is unknown; choose one "
-                      f"of {', '.join(SCHEMES)}")
+  if t.seq_len < 4:
+    raise ConfigError(f"train.seq_len={t.seq_len} is too short; use at least 4")
   if m.dtype not in ("float32", "bfloat16", "float16"):
     raise ConfigError(f"model.dtype={m.dtype!r}: use float32, bfloat16 or float16")
-  if o.name in ("electra", "amos"):
-    g = o.generator
-    hidden = int(round(m.hidden_size * g.width_fraction))
-    heads = max(1, int(round(m.num_heads * g.width_fraction)))
-    if hidden < 1 or hidden % heads:
-      raise ConfigError(
-          f"objective.generator.width_fraction={g.width_fraction} gives a generator "
-          f"width {hidden} that its {heads} heads do not divide")
-    if o.rtd_head_layers not in (1, 2):
-      raise ConfigError(f"objective.rtd_head_layers={o.rtd_head_layers} must be 1 or 2")
-  if o.name == "amos":
-    taps = tuple(o.generator.tap_layers)
-    if not taps or min(taps) < 1:
-      raise ConfigError("objective.generator.tap_layers must list layers >= 1, e.g. "
-                        "(4, 6, 8)")
-    if o.head_loss_reduction not in ("sum", "mean"):
-      raise ConfigError(f"objective.head_loss_reduction={o.head_loss_reduction!r}: use "
-                        "'sum' or 'mean'")
+  if t.steps < 1:
+    raise ConfigError(f"train.steps={t.steps} must be >= 1")
+  if t.batch_size < 1:
+    raise ConfigError(f"train.batch_size={t.batch_size} must be >= 1 (the global batch, "
+                      "summed over all devices)")
+  if t.grad_accum_steps < 1:
+    raise ConfigError(f"train.grad_accum_steps={t.grad_accum_steps} must be >= 1")
+  if t.learning_rate <= 0:
+    raise ConfigError(f"train.learning_rate={t.learning_rate} must be > 0")
+  if t.schedule not in ("linear", "cosine"):
+    raise ConfigError(f"train.schedule={t.schedule!r}: use 'linear' or 'cosine'")
+  if not 0.0 <= float(t.get("warmup_fraction", 0.0)) <= 1.0:
+    raise ConfigError(f"train.warmup_fraction={t.warmup_fraction} must be in [0, 1]")
+  if t.log_every < 1:
+    raise ConfigError(f"train.log_every={t.log_every} must be >= 1")
+  if not 0.0 <= c.data.eval_fraction < 1.0:
+    raise ConfigError(f"data.eval_fraction={c.data.eval_fraction} must be in [0, 1)")
+  if c.checkpoint.every < 1 or c.checkpoint.keep < 1:
+    raise ConfigError("checkpoint.every and checkpoint.keep must be >= 1")
+  objective.validate_config(c)
   shape = resolve_mesh_shape(c.mesh, num_devices)
-  data_shards = shape[0] * shape[1]
-  micro = t.batch_size // max(1, t.grad_accum_steps)
-  if t.batch_size % max(1, t.grad_accum_steps):
+  data_shards = 1
+  for axis in batch_mesh_axes(c.sharding.rules):
+    data_shards *= shape[MESH_AXES.index(axis)]
+  micro = t.batch_size // t.grad_accum_steps
+  if t.batch_size % t.grad_accum_steps:
     raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by "
                       f"train.grad_accum_steps={t.grad_accum_steps}")
   if micro % data_shards:
     raise ConfigError(
         f"train.batch_size={t.batch_size} (per micro-batch {micro}) does not divide over "
-        f"the {data_shards} data shards (mesh.data x mesh.fsdp); use a multiple of "
-        f"{data_shards}")
-  if t.steps < 1:
-    raise ConfigError(f"train.steps={t.steps} must be >= 1")
+        f"the {data_shards} data shards (the mesh axes of the 'batch' rule); use a "
+        f"multiple of {data_shards}")
   return shape
 
 
+def batch_mesh_axes(rules) -> tuple[str, ...]:
+  """The mesh axes the rules table splits the batch over."""
+  for name, target in rules:
+    if name == "batch":
+      if target is None:
+        return ()
+      return (target,) if isinstance(target, str) else tuple(target)
+  return ()
+
+
+# ---------------------------------------------------------- loading and overrides
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """`path/to/config.py[:arg]` -> its get_config(arg), as `--config` loads it."""
+  """`path/to/config.py[:arg]` -> its get_config(arg), mutable.
+
+  A missing file, a syntax error, a file without `get_config` or a bad argument is
+  one ConfigError line.
+  """
   import importlib.util
   import os
   path, _, arg = spec.partition(":")
-  if not os.path.exists(path):
-    raise ConfigError(f"config file not found: {path}")
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config: no such file {path!r}; give configs/NAME.py[:ARG]")
   name = "amos_config_" + os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"--config {path}:{e.lineno}: syntax error ({e.msg}); fix the "
+                      "config file") from None
+  except AmosError:
+    raise
+  except Exception as e:  # noqa: BLE001 - any failure of user code while loading
+    raise ConfigError(f"--config {path}: loading failed ({type(e).__name__}: "
+                      f"{one_line(e)})") from None
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"--config {path} defines no get_config(arg); a config file "
+                      "returns its ConfigDict from get_config")
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except AmosError:
+    raise
+  except Exception as e:  # noqa: BLE001
+    raise ConfigError(f"--config {spec}: get_config failed ({type(e).__name__}: "
+                      f"{one_line(e)})") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"--config {path}: get_config returned {type(config).__name__}, "
+                      "not an ml_collections.ConfigDict")
+  return config
+
+
+def flat_keys(c, prefix: str = "") -> dict:
+  """{'a.b.c': value} over a (nested) ConfigDict or dict."""
+  out = {}
+  for k, v in c.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, (ml_collections.ConfigDict, dict)):
+      out.update(flat_keys(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def _parse_value(text: str, current):
+  """A command-line string as the type of the key's current value."""
+  import ast
+  if isinstance(current, bool):
+    low = text.strip().lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise ValueError("expects true or false")
+  if isinstance(current, int):
+    return int(text)
+  if isinstance(current, float):
+    return float(text)
+  if isinstance(current, (tuple, list)):
+    value = ast.literal_eval(text) if text.strip() else ()
+    if isinstance(value, (int, float, str)):
+      value = (value,)
+    if not isinstance(value, (tuple, list)):
+      raise ValueError("expects a tuple like (4,6,8)")
+    return tuple(value)
+  if current is None or isinstance(current, str):
+    return text
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(c: ml_collections.ConfigDict, overrides) -> None:
+  """Applies `--config.KEY=VALUE` pairs; an unknown key suggests the closest one."""
+  import difflib
+  known = flat_keys(c)
+  for key, text in overrides:
+    if key not in known:
+      close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+      hint = f"; did you mean --config.{close[0]}?" if close else ""
+      raise ConfigError(f"--config.{key}: no such config key{hint}")
+    *parents, leaf = key.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    current = node[leaf]
+    try:
+      node[leaf] = _parse_value(text, current)
+    except (ValueError, TypeError, SyntaxError) as e:
+      kind = type(current).__name__ if current is not None else "str"
+      raise ConfigError(f"--config.{key}={text!r}: not a valid {kind} ({one_line(e)})"
+                        ) from None
+
+
+def freeze(c: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
+  """The immutable config a run uses: nothing downstream writes back into it."""
+  if isinstance(c, ml_collections.FrozenConfigDict):
+    return c
+  return ml_collections.FrozenConfigDict(c)
