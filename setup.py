@@ -23,6 +23,11 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
     # Ships the embedded demo corpus (a Wikipedia sample and news articles).
     "gensim==4.4.0",
+    # amos-eval: rank correlations, grid heatmaps; amos-index: Milvus (Lite by default).
+    "scipy==1.17.1",
+    "matplotlib==3.11.2",
+    "pymilvus==3.0.2",
+    "milvus-lite==3.2.2",
 ]
 
 EXTRAS = {
@@ -36,6 +41,8 @@ EXTRAS = {
         "torch==2.13.0",
         "transformers==5.23.0",
         "sentence-transformers==6.2.0",
+        # Reference implementation of the retrieval metrics.
+        "ranx==0.3.21",
     ],
 }
 
@@ -52,6 +59,8 @@ setup(
             "amos-train=amos_jax.cli:train_main",
             "amos-prepare=amos_jax.data.prepare:main",
             "amos-export=amos_jax.hf.export:main",
+            "amos-eval=amos_jax.eval.cli:eval_main",
+            "amos-index=amos_jax.eval.cli:index_main",
         ],
     },
 )
