@@ -103,7 +103,9 @@ def _train(argv: list[str]) -> int:
   _quiet_logging()
   args, config = parse_train_args(argv)
   # Before anything touches a JAX backend: a multi-process run joins here.
-  from amos_jax.train.distributed import maybe_initialize_distributed
+  from amos_jax.train.distributed import maybe_initialize_distributed, skip_absent_tpu
+  if not config.mesh.get("topology"):
+    skip_absent_tpu()
   maybe_initialize_distributed(args.coordinator_address, args.num_processes,
                                args.process_id)
   from amos_jax.train import loop

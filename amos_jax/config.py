@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective = ml_collections.ConfigDict(dict(
       name="electra", mask_rate=0.15, mask_scheme="electra", max_predictions=0,
       whole_word=False, mlm_weight=1.0, rtd_weight=50.0, rtd_head_layers=2,
+      embedding_sharing="all",  # all (ELECTRA) | tokens (AMOS) | gdes (DeBERTa-v3)
       sampling_temperature=1.0, mixture=False, hard_sample=True,
       adversarial=True, head_loss_reduction="sum",
       generator=ml_collections.ConfigDict(dict(

@@ -33,6 +33,10 @@ class ExportError(AmosError):
   """An export that cannot be written as asked (`amos-export`)."""
 
 
+class TrainingError(AmosError):
+  """Training cannot go on (e.g. a run of non-finite steps); the last good state is saved."""
+
+
 def one_line(message: str) -> str:
   """Collapses a message to its first non-empty line (tool output can be long)."""
   for line in str(message).splitlines():

@@ -11,10 +11,11 @@ from amos_jax.config import base_config, set_size
 def get_config(arg: str = "base"):
   size = arg or "base"
   c = base_config()
-  set_size(c, size)
+  set_size(c, size, "configs/amos.py")
   c.objective.update(
       name="amos", mask_scheme="electra", rtd_weight=50.0, rtd_head_layers=1,
       sampling_temperature=0.3, mixture=True, head_loss_reduction="sum",
+      embedding_sharing="tokens",
       mask_rate=0.25 if size == "large" else 0.15)
   # Full width, as deep as the deepest tap; the reference runs it without dropout.
   c.objective.generator.update(width_fraction=1.0, num_layers=0, dropout=False,

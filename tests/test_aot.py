@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 
+from amos_jax.errors import ConfigError
 from amos_jax.train import aot
 
 # A train-step-like function: a sharded two-layer MLP, its gradient and an SGD update,
@@ -38,9 +39,9 @@ _STEP = textwrap.dedent("""
       return jax.tree.map(lambda a, g: a - 1e-3 * g, p, grads), value
 
     param_shardings = jax.tree.map(lambda a: a.sharding, params)
-    report = aot.compile_and_report(
-        step, (params, x), in_shardings=(param_shardings, x.sharding),
-        out_shardings=(param_shardings, S()), donate_argnums=(0,))
+    jitted = jax.jit(step, in_shardings=(param_shardings, x.sharding),
+                     out_shardings=(param_shardings, S()), donate_argnums=(0,))
+    report = aot.compile_and_report(jitted, (params, x))
     shard_bytes = lambda a: int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize
     report["expected_param_bytes"] = sum(shard_bytes(a) for a in jax.tree.leaves(params))
     report["expected_batch_bytes"] = shard_bytes(x)
@@ -77,7 +78,6 @@ def _check(report):
   assert "total" in report["table"] and f"{report['total_bytes']:,d}" in report["table"]
 
 
-@pytest.mark.skipif(not aot.libtpu_available(), reason=aot.LIBTPU_MISSING)
 def test_compile_for_tpu_topology_v5p_2x2x2():
   report = _compile_step("v5p:2x2x2")
   _check(report)
@@ -85,13 +85,13 @@ def test_compile_for_tpu_topology_v5p_2x2x2():
   assert report["hbm_bytes"] == 95 << 30 and "fits" in report["table"]
 
 
-@pytest.mark.skipif(not aot.libtpu_available(), reason=aot.LIBTPU_MISSING)
 def test_bad_topology_name_is_one_clear_line():
   run = _run("from amos_jax.train import aot\n"
+             "from amos_jax.errors import AmosError\n"
              "try: aot.topology_devices('v5p:3x3x3')\n"
-             "except RuntimeError as e: print(e)")
+             "except AmosError as e: print(e)")
   last = run.stdout.strip().splitlines()[-1]
-  assert last.startswith("error: --config.mesh.topology='v5p:3x3x3' is not a tpu topology")
+  assert last.startswith("--config.mesh.topology='v5p:3x3x3' is not a tpu topology")
 
 
 def test_compile_for_fake_cpu_devices():
@@ -102,9 +102,9 @@ def test_compile_for_fake_cpu_devices():
 
 def test_missing_libtpu_is_one_clear_line(monkeypatch):
   monkeypatch.setattr(aot, "libtpu_available", lambda: False)
-  with pytest.raises(RuntimeError) as e:
+  with pytest.raises(ConfigError) as e:
     aot.topology_devices("v5p:2x2x2")
-  assert str(e.value) == ("error: --config.mesh.topology needs the `libtpu` package: "
+  assert str(e.value) == ("--config.mesh.topology needs the `libtpu` package: "
                           f"pip install libtpu=={aot.LIBTPU_VERSION}")
 
 

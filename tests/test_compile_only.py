@@ -15,7 +15,6 @@ _TINY_AMOS = ("--config", f"{ROOT}/configs/amos.py:tiny", "--config.model.num_la
               "--config.train.batch_size=16")
 
 
-@pytest.mark.skipif(not aot.libtpu_available(), reason="needs libtpu (test extra)")
 def test_compile_only_for_v5p_2x2x2_reports_memory_per_chip():
   env = env_for()
   env.pop("JAX_PLATFORMS")  # the compile-only TPU client must be allowed to load

@@ -90,25 +90,49 @@ def embed(cfg: EncoderConfig, num: int, dim: int, axes, rngs: nnx.Rngs) -> nnx.E
 
 
 class Embeddings(nnx.Module):
-  """Word + position + token-type embeddings, LayerNorm, dropout. Width E."""
+  """Word + position + token-type embeddings, LayerNorm, dropout. Width E.
 
-  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+  word_embeddings: an `nnx.Embed` owned by another block to share (AMOS's generator
+    shares only the token matrix with the discriminator); None makes its own.
+  delta: gradient-disentangled sharing (DeBERTa-v3's GDES): the matrix read here is
+    stop_gradient(E) + E_delta with E_delta zero-initialized, so this block's loss
+    trains E_delta only and E is trained by whoever else reads it.
+  """
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs,
+               word_embeddings: nnx.Embed | None = None, delta: bool = False):
     self.cfg = cfg
     e = cfg.embed_size
-    self.word_embeddings = embed(cfg, cfg.vocab_size, e, ("vocab", "embed"), rngs)
+    self.word_embeddings = (word_embeddings if word_embeddings is not None else
+                            embed(cfg, cfg.vocab_size, e, ("vocab", "embed"), rngs))
+    if delta:
+      self.word_embeddings_delta = nnx.Param(with_logical_axes(
+          nnx.initializers.zeros, ("vocab", "embed"))(rngs.params(), (cfg.vocab_size, e),
+                                                       jnp.float32))
     self.position_embeddings = embed(
         cfg, cfg.max_position_embeddings, e, (None, "embed"), rngs)
     self.token_type_embeddings = embed(cfg, cfg.type_vocab_size, e, (None, "embed"), rngs)
     self.LayerNorm = layer_norm(cfg, e, rngs)
+
+  @property
+  def word_matrix(self) -> jax.Array:
+    """(V, E) float32: the token matrix this block reads (and tied heads project to)."""
+    matrix = self.word_embeddings.embedding[...]
+    if hasattr(self, "word_embeddings_delta"):
+      matrix = jax.lax.stop_gradient(matrix) + self.word_embeddings_delta[...]
+    return matrix
 
   def __call__(self, input_ids, positions, token_type_ids, *, replace=None,
                dropout_rng=None):
     """input_ids, positions, token_type_ids: (B, T) -> (B, T, E).
 
     replace: optional (index (B, K), rows (B, K, E)) overriding the word embedding at
-    those positions; AMOS feeds `one_hot_sample @ word_embeddings` this way.
+    those positions; AMOS feeds `one_hot_sample @ word_matrix` this way.
     """
-    x = self.word_embeddings(input_ids)
+    if hasattr(self, "word_embeddings_delta"):
+      x = jnp.take(self.word_matrix, input_ids, axis=0).astype(self.cfg.compute_dtype)
+    else:
+      x = self.word_embeddings(input_ids)
     if replace is not None:
       index, rows = replace
       batch = jnp.arange(x.shape[0])[:, None]
@@ -220,8 +244,8 @@ class Encoder(nnx.Module):
 
   @property
   def word_embeddings(self) -> jax.Array:
-    """(V, E) word-embedding matrix (the tied MLM output layer reads it)."""
-    return self.embeddings.word_embeddings.embedding[...]
+    """(V, E) word-embedding matrix this encoder reads (tied MLM heads project to it)."""
+    return self.embeddings.word_matrix
 
   def __call__(self, input_ids, segment_ids, positions=None, token_type_ids=None, *,
                replace=None, dropout_rng=None, stop_gradient_after: Sequence[int] = (),

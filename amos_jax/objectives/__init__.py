@@ -1,14 +1,36 @@
-"""Pre-training objectives. Each module exposes `build_model(config, rngs)` and
-`compute_loss(model, batch, rng, config, train) -> (loss, metrics)`."""
+"""Training objectives: one module each, defining `OBJECTIVE` (an `Objective`
+subclass, see `base.py`); `objective.name` in the config is the module's name. A new
+objective is one new module here and a config."""
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
-OBJECTIVES = ("mlm", "electra", "amos")
+from amos_jax.errors import ConfigError
+from amos_jax.objectives.base import HFModel, Objective, SpecialTokens  # noqa: F401
+
+_NOT_OBJECTIVES = ("base", "masking", "sampling")
 
 
-def get_objective(name: str):
-  """The objective module by its config name (`objective.name`)."""
-  if name not in OBJECTIVES:
-    raise ValueError(f"objective.name={name!r} is unknown; choose one of {OBJECTIVES}")
-  return importlib.import_module(f"amos_jax.objectives.{name}")
+def available() -> tuple[str, ...]:
+  """The names `objective.name` accepts."""
+  return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__)
+                      if m.name not in _NOT_OBJECTIVES and not m.name.startswith("_")))
+
+
+def get_objective_class(name: str) -> type[Objective]:
+  """The Objective subclass of `objective.name`."""
+  if name not in available():
+    raise ConfigError(f"objective.name={name!r} is unknown; choose one of "
+                      f"{', '.join(available())}")
+  module = importlib.import_module(f"amos_jax.objectives.{name}")
+  cls = getattr(module, "OBJECTIVE", None)
+  if not (isinstance(cls, type) and issubclass(cls, Objective)):
+    raise ConfigError(f"objective {name!r}: amos_jax/objectives/{name}.py defines no "
+                      "OBJECTIVE (an Objective subclass)")
+  return cls
+
+
+def get_objective(config, tokens: SpecialTokens | None = None) -> Objective:
+  """The configured objective, with the tokenizer's special ids."""
+  return get_objective_class(config.objective.name)(config, tokens)

@@ -12,20 +12,20 @@ A straight-through hard Gumbel-softmax (temperature 0.3) samples a one-hot
 replacement, which passes `reverse_gradient` and is multiplied by the discriminator's
 word-embedding matrix to form its input at the masked positions. The discriminator
 minimizes the RTD loss; the mixture (and through it the generator's features)
-receives the reversed gradient and so maximizes it.
+receives the reversed gradient and so maximizes it. As in the reference code, only
+the token matrix is shared (`objective.embedding_sharing=tokens`).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from amos_jax.objectives import electra, masking
-from amos_jax.objectives.mlm import mask_batch
+from amos_jax.errors import ConfigError
+from amos_jax.objectives import masking
+from amos_jax.objectives.electra import (Electra, ReplacedTokenDetection,
+                                         replaced_token_labels, rtd_loss, split_step_rng)
 from amos_jax.objectives.sampling import (gumbel_noise, gumbel_softmax_straight_through,
                                           reverse_gradient)
-
-build_model = electra.build_model
-loss_normalizers = electra.loss_normalizers
 
 
 def tap_layers(config) -> tuple[int, ...]:
@@ -45,62 +45,93 @@ def mixture_weights(model, tapped_hidden: list[jax.Array], mixture: bool) -> jax
   return jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
 
 
-def compute_loss(model: electra.ReplacedTokenDetection, batch, rng, config,
-                 train: bool = True):
-  """AMOS's loss: sum (or mean) of the taps' MLM losses + rtd_weight * RTD."""
-  obj = config.objective
-  taps = tap_layers(config)
-  r_mask, r_gen, r_sample, r_disc = electra.split_step_rng(rng)
-  masked = mask_batch(r_mask, batch, config)
-  hidden_states = model.generator(
-      masked.input_ids, batch["segment_ids"], batch.get("positions"),
-      batch.get("token_type_ids"),
-      dropout_rng=r_gen if train and obj.generator.dropout else None,
-      stop_gradient_after=taps[:-1], num_layers=taps[-1])
-  word_embeddings = model.discriminator.word_embeddings
+class Amos(Electra):
+  name = "amos"
 
-  metrics = {}
-  tapped = [masking.gather_positions(hidden_states[l], masked.positions) for l in taps]
-  tap_logits, mlm_losses = [], []
-  for layer, h in zip(taps, tapped):
-    logits = model.generator_head(h, word_embeddings)          # (B, K, V)
-    loss_l, acc_l = masking.masked_lm_loss(logits, masked.labels, masked.weights,
-                                           batch.get("num_predictions"))
-    tap_logits.append(logits)
-    mlm_losses.append(loss_l)
-    metrics[f"mlm_loss_{layer}"] = loss_l
-    metrics[f"mlm_accuracy_{layer}"] = acc_l
-  mlm_loss = sum(mlm_losses)
-  if obj.head_loss_reduction == "mean":
-    mlm_loss = mlm_loss / len(taps)
+  @classmethod
+  def validate_config(cls, config) -> None:
+    super().validate_config(config)
+    o = config.objective
+    taps = tuple(o.generator.tap_layers)
+    if not taps or min(taps) < 1:
+      raise ConfigError("objective.generator.tap_layers must list layers >= 1, e.g. "
+                        "(4, 6, 8)")
+    if len(set(taps)) != len(taps):
+      raise ConfigError(f"objective.generator.tap_layers={taps} repeats a layer")
+    depth = o.generator.get("num_layers") or 0
+    if depth and max(taps) > depth:
+      raise ConfigError(f"objective.generator.tap_layers={taps} reach beyond "
+                        f"objective.generator.num_layers={depth}")
+    if o.head_loss_reduction not in ("sum", "mean"):
+      raise ConfigError(f"objective.head_loss_reduction={o.head_loss_reduction!r}: use "
+                        "'sum' or 'mean'")
+    if o.sampling_temperature <= 0:
+      raise ConfigError(f"objective.sampling_temperature={o.sampling_temperature} must "
+                        "be > 0")
 
-  lam = mixture_weights(model, tapped, bool(obj.mixture))       # (B, K, M)
-  mixed = sum(lam[..., m, None] * jax.lax.stop_gradient(tap_logits[m])
-              for m in range(len(taps)))
-  noise = gumbel_noise(r_sample, mixed.shape)
-  if obj.get("hard_sample", True):
-    sample = gumbel_softmax_straight_through(mixed, noise, obj.sampling_temperature)
-  else:  # the soft relaxation whose gradient the straight-through estimator uses
-    sample = jax.nn.softmax((mixed + noise) / obj.sampling_temperature, axis=-1)
-  if obj.get("adversarial", True):
-    sample = reverse_gradient(sample)  # ablation off: a cooperative mixture
-  # Prediction slots that are padding keep their original token.
-  valid = masked.weights[..., None] > 0
-  sample = jnp.where(valid, sample, jax.nn.one_hot(masked.labels, sample.shape[-1]))
-  rows = sample @ word_embeddings          # gradient into the matrix is not reversed
-  sampled = jnp.argmax(sample, axis=-1)
-  disc_ids = masking.scatter_positions(masked.input_ids, masked.positions,
-                                       sampled.astype(masked.input_ids.dtype))
-  is_replaced = electra.replaced_token_labels(masked.positions, sampled, masked.labels,
-                                              masked.weights, disc_ids.shape)
-  rtd, rtd_accuracy = electra.rtd_loss(
-      model, batch, disc_ids, is_replaced, r_disc if train else None,
-      replace=(masked.positions, rows))
+  def loss(self, model: ReplacedTokenDetection, batch, counts, rng, train):
+    """AMOS's loss: sum (or mean) of the taps' MLM losses + rtd_weight * RTD."""
+    obj = self.config.objective
+    taps = tap_layers(self.config)
+    r_mask, r_gen, r_sample, r_disc = split_step_rng(rng)
+    masked = self.mask_batch(r_mask, batch)
+    hidden_states = model.generator(
+        masked.input_ids, batch["segment_ids"], batch.get("positions"),
+        batch.get("token_type_ids"),
+        dropout_rng=r_gen if train and obj.generator.dropout else None,
+        stop_gradient_after=taps[:-1], num_layers=taps[-1])
+    num_predictions = counts.get("num_predictions")
 
-  denom = jnp.maximum(batch.get("num_predictions", masked.weights.sum()), 1.0)
-  for m, layer in enumerate(taps):
-    metrics[f"mixture_weight_{layer}"] = (lam[..., m] * masked.weights).sum() / denom
-  loss = obj.mlm_weight * mlm_loss + obj.rtd_weight * rtd
-  metrics.update(loss=loss, mlm_loss=mlm_loss, rtd_loss=rtd, rtd_accuracy=rtd_accuracy,
-                 replaced_fraction=is_replaced.sum() / denom)
-  return loss, metrics
+    metrics = {}
+    tapped = [masking.gather_positions(hidden_states[l], masked.positions) for l in taps]
+    tap_logits, mlm_losses = [], []
+    for layer, h in zip(taps, tapped):
+      logits = model.generator_head(h, model.generator.word_embeddings)  # (B, K, V)
+      loss_l, acc_l = masking.masked_lm_loss(logits, masked.labels, masked.weights,
+                                             num_predictions)
+      tap_logits.append(logits)
+      mlm_losses.append(loss_l)
+      metrics[f"mlm_loss_{layer}"] = loss_l
+      metrics[f"mlm_accuracy_{layer}"] = acc_l
+    mlm_loss = sum(mlm_losses)
+    if obj.head_loss_reduction == "mean":
+      mlm_loss = mlm_loss / len(taps)
+
+    lam = mixture_weights(model, tapped, bool(obj.mixture))       # (B, K, M)
+    mixed = sum(lam[..., m, None] * jax.lax.stop_gradient(tap_logits[m])
+                for m in range(len(taps)))
+    noise = gumbel_noise(r_sample, mixed.shape)
+    if obj.get("hard_sample", True):
+      sample = gumbel_softmax_straight_through(mixed, noise, obj.sampling_temperature)
+    else:  # the soft relaxation whose gradient the straight-through estimator uses
+      sample = jax.nn.softmax((mixed + noise) / obj.sampling_temperature, axis=-1)
+    if obj.get("adversarial", True):
+      sample = reverse_gradient(sample)  # ablation off: a cooperative mixture
+    # Prediction slots that are padding keep their original token.
+    valid = masked.weights[..., None] > 0
+    sample = jnp.where(valid, sample, jax.nn.one_hot(masked.labels, sample.shape[-1]))
+    # The gradient into the matrix is not reversed (the reversal sits on `sample`).
+    rows = sample @ model.discriminator.word_embeddings
+    sampled = jnp.argmax(sample, axis=-1)
+    disc_ids = masking.scatter_positions(masked.input_ids, masked.positions,
+                                         sampled.astype(masked.input_ids.dtype))
+    is_replaced = replaced_token_labels(masked.positions, sampled, masked.labels,
+                                        masked.weights, disc_ids.shape)
+    rtd, rtd_accuracy = rtd_loss(
+        model, batch, counts, disc_ids, is_replaced, r_disc if train else None,
+        replace=(masked.positions, rows))
+
+    denom = jnp.maximum(counts.get("num_predictions", masked.weights.sum()), 1.0)
+    for m, layer in enumerate(taps):
+      metrics[f"mixture_weight_{layer}"] = (lam[..., m] * masked.weights).sum() / denom
+    loss = obj.mlm_weight * mlm_loss + obj.rtd_weight * rtd
+    metrics.update(loss=loss, mlm_loss=mlm_loss, rtd_loss=rtd, rtd_accuracy=rtd_accuracy,
+                   replaced_fraction=is_replaced.sum() / denom)
+    return loss, metrics
+
+  def generator_depths(self) -> list[tuple[str, int]]:
+    """One complete MLM per tapped depth: the shared head read after l blocks."""
+    return [(f"generator_layer{l}", l) for l in tap_layers(self.config)]
+
+
+OBJECTIVE = Amos

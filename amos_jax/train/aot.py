@@ -10,15 +10,17 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 
+from amos_jax.errors import ConfigError
+
 # The libtpu release that jax==0.10.2 declares for its `tpu` extra; setup.py's test
 # extra pins the same.
 LIBTPU_VERSION = "0.0.42.1"
-LIBTPU_MISSING = ("error: --config.mesh.topology needs the `libtpu` package: "
+LIBTPU_MISSING = ("--config.mesh.topology needs the `libtpu` package: "
                   f"pip install libtpu=={LIBTPU_VERSION}")
 
 # Memory per chip by `device_kind`, to say how full a compiled step leaves it.
@@ -51,7 +53,7 @@ def topology_devices(topology_name: str, platform: str = "tpu") -> list[jax.Devi
   them compiles what the pod would run; they cannot execute anything.
   """
   if platform == "tpu" and not libtpu_available():
-    raise RuntimeError(LIBTPU_MISSING)
+    raise ConfigError(LIBTPU_MISSING)
   from jax.experimental import topologies
   from jax._src import hardware_utils
   if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
@@ -66,9 +68,9 @@ def topology_devices(topology_name: str, platform: str = "tpu") -> list[jax.Devi
   except RuntimeError as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "TPU support not installed" in first:
-      raise RuntimeError(LIBTPU_MISSING) from None
-    raise RuntimeError(
-        f"error: --config.mesh.topology={topology_name!r} is not a {platform} topology "
+      raise ConfigError(LIBTPU_MISSING) from None
+    raise ConfigError(
+        f"--config.mesh.topology={topology_name!r} is not a {platform} topology "
         f"({first}); use a name like v5p:2x2x2 or v4:4x4x8") from None
 
 
@@ -83,35 +85,24 @@ def fake_cpu_devices(n: int) -> list[jax.Device]:
     jax.config.update("jax_num_cpu_devices", max(n, jax.config.jax_num_cpu_devices))
   devices = jax.devices("cpu")
   if len(devices) < n:
-    raise RuntimeError(
-        f"error: {n} CPU devices asked but JAX started with {len(devices)}: set "
+    raise ConfigError(
+        f"{n} CPU devices asked but JAX started with {len(devices)}: set "
         f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before the process starts")
   return devices[:n]
 
 
-def compile_and_report(
-    fn: Callable[..., Any],
-    abstract_args: Sequence[Any],
-    in_shardings: Any = None,
-    out_shardings: Any = None,
-    donate_argnums: int | Sequence[int] = (),
-) -> dict[str, Any]:
-  """Lowers and compiles `fn` for `abstract_args` and measures it per device.
+def compile_and_report(jitted: Any, abstract_args: Sequence[Any]) -> dict[str, Any]:
+  """Lowers and compiles a jitted function for `abstract_args`; measures it per device.
 
-  abstract_args are jax.ShapeDtypeStruct pytrees (with shardings, or with
-  in_shardings given). Returns bytes per device for arguments, outputs,
+  jitted: the `jax.jit` object itself (the trainer's, with its shardings and
+  donation), so what is measured is what runs. abstract_args are
+  jax.ShapeDtypeStruct pytrees. Returns bytes per device for arguments, outputs,
   temporaries, generated code and aliases, their total (an aliased output reuses a
   donated argument's buffer, so aliases count once), the device count and kind, the
   chip's memory when known, and lowering/compile seconds.
   """
-  jit_kwargs = dict(donate_argnums=donate_argnums)
-  # Left unset, shardings follow those the abstract args carry.
-  if in_shardings is not None:
-    jit_kwargs["in_shardings"] = in_shardings
-  if out_shardings is not None:
-    jit_kwargs["out_shardings"] = out_shardings
   start = time.perf_counter()
-  lowered = jax.jit(fn, **jit_kwargs).lower(*abstract_args)
+  lowered = jitted.lower(*abstract_args)
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
   compiled_at = time.perf_counter()

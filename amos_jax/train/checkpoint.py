@@ -5,7 +5,9 @@ Saves are async: the step's arrays are copied off the devices (the blocking part
 and written in the background. A save that did not finish leaves only a temporary
 directory, which Orbax never lists as a step. A listed step that fails to restore
 (corrupt or truncated files) is moved aside to `<step>.corrupt` with a warning and
-the previous step is used; nothing is ever written over a finished step.
+the previous step is used; nothing is ever written over a finished step. A step
+that reads fine but holds another model (other shapes or parameters) is a mismatch,
+not corruption: it stops the run with a CheckpointError and is left untouched.
 """
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ import logging
 import os
 import time
 
+import jax
 import orbax.checkpoint as ocp
+
+from amos_jax.errors import CheckpointError, one_line
 
 log = logging.getLogger("amos_jax")
 
@@ -66,16 +71,59 @@ def restore_step(manager: ocp.CheckpointManager, abstract_state, step: int,
   return restored.state
 
 
+def _shapes(tree) -> dict[str, tuple]:
+  """{'params/a/b': shape} of a state or metadata tree."""
+  flat = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict))[0]
+  return {"/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                   for k in path): tuple(getattr(leaf, "shape", ()))
+          for path, leaf in flat}
+
+
+def check_matches(manager: ocp.CheckpointManager, step: int, abstract_state) -> None:
+  """Raises CheckpointError when `step` holds a state of other parameters or shapes.
+
+  Reads only the checkpoint's metadata; a step whose metadata cannot be read is
+  left to `restore`, which treats it as corrupt.
+  """
+  metadata = manager.item_metadata(step)
+  saved = metadata["state"] if "state" in metadata else None
+  if saved is None:
+    return
+  saved = _shapes(getattr(saved, "tree", saved))
+  wanted = _shapes(abstract_state)
+  if not saved or saved == wanted:
+    return
+  missing = sorted(set(wanted) - set(saved))
+  extra = sorted(set(saved) - set(wanted))
+  shapes = [f"{k} {saved[k]} vs {wanted[k]}" for k in sorted(set(saved) & set(wanted))
+            if saved[k] != wanted[k]]
+  what = "; ".join(part for part in (
+      f"shapes differ: {', '.join(shapes[:2])}" if shapes else "",
+      f"not in the checkpoint: {', '.join(missing[:2])}" if missing else "",
+      f"only in the checkpoint: {', '.join(extra[:2])}" if extra else "") if part)
+  raise CheckpointError(
+      f"checkpoint {step} in {manager.directory} holds another model ({what}); use the "
+      "config it was trained with or a new --workdir")
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state, data_iterator=None):
   """The newest step that restores: (step, state), or (None, None) if none does.
 
-  A step that fails is moved aside and reported, and the one before it is tried.
+  A step that holds another model stops the run (CheckpointError). A step that
+  fails to read is moved aside and reported, and the one before it is tried.
   """
   for step in sorted(manager.all_steps(), reverse=True):
     try:
+      check_matches(manager, step, abstract_state)
+    except CheckpointError:
+      raise
+    except Exception:  # noqa: BLE001 - unreadable metadata: the restore below decides
+      pass
+    try:
       return step, restore_step(manager, abstract_state, step, data_iterator)
     except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-      reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+      reason = one_line(e)[:200] or type(e).__name__
       aside = _move_aside(manager, step)
       log.warning("checkpoint at step %d is incomplete or corrupt (%s: %s); moved to "
                   "%s, trying the previous one", step, type(e).__name__, reason, aside)
@@ -83,7 +131,6 @@ def restore(manager: ocp.CheckpointManager, abstract_state, data_iterator=None):
 
 
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
-  import jax
   root = str(manager.directory)
   src = os.path.join(root, str(step))
   dst = f"{src}.corrupt"
@@ -99,7 +146,6 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
 
 
 def _sync(name: str) -> None:
-  import jax
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)

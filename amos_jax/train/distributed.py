@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import jax
 
+from amos_jax.errors import ConfigError
+
 
 # Stands for "more than one": the launcher said the run is shared without saying
 # its size, which jax.distributed then finds itself.
@@ -24,7 +26,7 @@ def _int_env(name: str) -> int | None:
   try:
     return int(value) if value else None
   except ValueError:
-    raise ValueError(f"error: environment variable {name}={value!r} is not an integer") from None
+    raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def _tpu_process_count() -> int | None:
@@ -69,6 +71,33 @@ def detect_process_count() -> int:
   return _tpu_process_count() or 1
 
 
+def skip_absent_tpu() -> None:
+  """Keeps JAX from starting the TPU runtime on a machine without TPU chips.
+
+  With `libtpu` installed (for `--compile_only` pod compiles) JAX otherwise probes
+  the TPU runtime at start-up on any machine, which finds no chips and prints
+  libtpu's banner of TPU_WORKER_HOSTNAMES errors. Nothing changes when platforms
+  are set explicitly, when TPU chips are present, or when another accelerator
+  plugin (CUDA, ROCm) is installed. Call before anything touches a JAX backend;
+  compile-only pod topologies load libtpu themselves.
+  """
+  import importlib.metadata
+  import importlib.util
+  if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
+    return
+  if importlib.util.find_spec("libtpu") is None:
+    return
+  if list(importlib.metadata.entry_points(group="jax_plugins")):
+    return
+  try:
+    from jax._src import hardware_utils
+    chips = hardware_utils.num_available_tpu_chips_and_device_id()[0]
+  except Exception:  # noqa: BLE001 - cannot tell: leave JAX's own choice
+    return
+  if not chips:
+    jax.config.update("jax_platforms", "cpu")
+
+
 def _platform_may_be_cpu() -> bool:
   platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
   return not platforms or "cpu" in platforms.split(",")[0]
@@ -102,10 +131,10 @@ def maybe_initialize_distributed(
   else:
     count = detect_process_count()
   if count < 1:
-    raise ValueError(f"error: num_processes={count} must be at least 1")
+    raise ConfigError(f"num_processes={count} must be at least 1")
   if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
-    raise ValueError(
-        f"error: process_id={process_id} must be in [0, num_processes={num_processes})")
+    raise ConfigError(
+        f"process_id={process_id} must be in [0, num_processes={num_processes})")
   if count == 1:
     return 1
   if _platform_may_be_cpu() and "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:

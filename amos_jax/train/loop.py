@@ -7,7 +7,6 @@ ones; only process 0 writes metrics and logs.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 
@@ -17,15 +16,18 @@ import numpy as np
 from tqdm import tqdm
 
 from amos_jax import config as config_lib
-from amos_jax.data import sequences
 from amos_jax.data.pipeline import to_global_arrays
+from amos_jax.data.sources import make_source
+from amos_jax.errors import ConfigError, TrainingError
 from amos_jax.model.partitioning import axis_rules
 from amos_jax.objectives import get_objective
+from amos_jax.objectives.base import BATCH_KEYS
 from amos_jax.train import checkpoint as ckpt
 from amos_jax.train import sharding as shd
+from amos_jax.train import workdir as workdir_lib
 from amos_jax.train.metrics import MetricsWriter
 from amos_jax.train.state import abstract_state, abstract_train_state, make_optimizer
-from amos_jax.train.step import build_trainer, make_eval_step, make_train_step
+from amos_jax.train.step import build_trainer, jit_train_step, make_eval_step
 
 log = logging.getLogger("amos_jax")
 
@@ -59,80 +61,7 @@ def _any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
 
 
-def _set_special_ids(config, ids: dict) -> None:
-  with config.unlocked():
-    config.data.mask_id = int(ids["mask_id"])
-    config.data.special_ids = tuple(sorted({int(ids[k]) for k in (
-        "pad_id", "unk_id", "cls_id", "sep_id", "mask_id")}))
-
-
-def _check_vocab(config, vocab_size: int) -> None:
-  if vocab_size != config.model.vocab_size:
-    raise config_lib.ConfigError(
-        f"model.vocab_size={config.model.vocab_size} but the tokenizer has "
-        f"{vocab_size} ids; set --config.model.vocab_size={vocab_size}")
-
-
-class _InMemoryData:
-  """The small-corpus path: batches are a function of the step (no iterator state)."""
-
-  iterator = None
-
-  def __init__(self, config, workdir):
-    t = config.train
-    docs = sequences.load_documents(config.data.corpus)
-    train_docs, eval_docs = sequences.split_documents(docs, config.data.eval_fraction)
-    tokenizer = sequences.get_tokenizer(config, workdir, train_docs)
-    _check_vocab(config, tokenizer.vocab_size)
-    _set_special_ids(config, dict(pad_id=tokenizer.pad_id, unk_id=tokenizer.unk_id,
-                                  cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id,
-                                  mask_id=tokenizer.mask_id))
-    rows, starts = sequences.make_rows(tokenizer, train_docs, t.seq_len)
-    self.train = sequences.SequenceBatches(rows, starts, t.batch_size, t.seed,
-                                           jax.process_index(), jax.process_count())
-    self.eval = None
-    if eval_docs:
-      rows, starts = sequences.make_rows(tokenizer, eval_docs, t.seq_len)
-      self.eval = sequences.SequenceBatches(rows, starts, t.batch_size, t.seed,
-                                            jax.process_index(), jax.process_count())
-    self.summary = (f"{len(self.train.rows)} train rows ({self.train.rows.size} tokens), "
-                    f"{0 if self.eval is None else len(self.eval.rows)} eval rows; "
-                    f"vocab {tokenizer.vocab_size}")
-
-  def batch(self, step: int) -> dict:
-    return self.train.batch(step)
-
-  def eval_batches(self, n: int) -> list[dict]:
-    return self.eval.eval_batches(n) if self.eval is not None else []
-
-
-class _PreparedData:
-  """amos-prepare output through the grain pipeline; its iterator state is saved in
-  each checkpoint, so a resumed run reads on from where the checkpoint was taken."""
-
-  def __init__(self, config):
-    from amos_jax.data import pipeline, prepare
-    t = config.train
-    manifest = prepare.load_manifest(config.data.prepared)
-    tok = manifest["tokenizer"]
-    _check_vocab(config, int(tok["vocab_size"]))
-    _set_special_ids(config, tok)
-    self.iterator = pipeline.make_iterator(pipeline.PipelineConfig(
-        data_dir=config.data.prepared, seq_len=t.seq_len, global_batch_size=t.batch_size,
-        seed=t.seed, vocab_size=config.model.vocab_size))
-    self.summary = (f"prepared data {manifest['dir']} ({len(manifest['shards'])} "
-                    f"shards); vocab {tok['vocab_size']}")
-
-  def batch(self, step: int) -> dict:
-    del step  # the iterator's position is the step's (both are checkpointed)
-    return next(self.iterator)
-
-  def eval_batches(self, n: int) -> list[dict]:
-    del n
-    return []
-
-
-def init_from(config, state):
+def init_from(objective, state):
   """Replaces the fresh parameters with those of `config.init_from` (hf:PATH).
 
   Parameters the checkpoint lacks (e.g. heads) keep their initialization and are
@@ -140,39 +69,46 @@ def init_from(config, state):
   zeros whatever the parameters are.
   """
   from amos_jax.hf.load import format_report, init_params_from_hf
+  config = objective.config
   if not config.init_from.startswith("hf:"):
-    raise config_lib.ConfigError(
+    raise ConfigError(
         f"init_from={config.init_from!r}: use hf:PATH (a Hugging Face model folder)")
-  params, report = init_params_from_hf(config.init_from, state.params, config)
+  params, report = init_params_from_hf(config.init_from, state.params, objective)
   if jax.process_index() == 0:
     log.info(format_report(report))
   return state.replace(params=params)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint.
 
-  Returns the last logged metrics (plain floats).
+  Returns the last logged metrics (plain floats). Everything that can be checked
+  without data or compiling (config, devices, workdir, the saved run's config) is
+  checked before the workdir changes.
   """
   # ------------------------------------------------------------------ setup
+  config = config_lib.freeze(config)
   primary = jax.process_index() == 0
   config_lib.validate(config, jax.device_count())
-  objective = get_objective(config.objective.name)
+  t = config.train
+  workdir_lib.check_writable(workdir)
+  changes = workdir_lib.check_config(workdir, config, allow_config_change)
+  _warn_about_schedule(t, primary)
   mesh = shd.build_mesh(config.mesh)
   rules = config.sharding.rules
-  os.makedirs(workdir, exist_ok=True)
-  t = config.train
 
   # ------------------------------------------------------------------- data
-  data = (_PreparedData(config) if config.data.get("prepared")
-          else _InMemoryData(config, workdir))
+  data = make_source(config, workdir)
+  objective = get_objective(config, data.tokens)
   if primary:
     log.info("data: %s", data.summary)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    if changes:
+      log.warning("config changed since the saved run: %s", ", ".join(
+          f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+    workdir_lib.write_config(workdir, config)
 
   # ------------------------------------------------- model and optimizer
-  trainer = build_trainer(objective, config, mesh)
+  trainer = build_trainer(objective, mesh)
   graphdef, state, state_sh = trainer.graphdef, trainer.state, trainer.state_shardings
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   if primary:
@@ -190,16 +126,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
       log.info("resumed from checkpoint at step %d", step)
   elif config.get("init_from"):
     # ------------------------------------------------------------ init_from
-    state = init_from(config, state)
+    state = init_from(objective, state)
   start_step = int(jax.device_get(state.step))
   if start_step >= t.steps and primary:
-    log.info("%s already holds step %d of train.steps=%d: nothing to train (raise "
-             "--config.train.steps to continue, or use a new --workdir)", workdir,
-             start_step, t.steps)
+    log.info("%s already holds step %d of train.steps=%d: nothing to train (to go on, "
+             "raise --config.train.steps and pass --allow_config_change, or use a new "
+             "--workdir)", workdir, start_step, t.steps)
+  if primary:
+    # Rows logged after the restored step are recomputed now: the file reads as one run.
+    dropped = workdir_lib.truncate_metrics(workdir, start_step)
+    if dropped:
+      log.info("metrics.jsonl: dropped %d rows after step %d (recomputed on resume)",
+               dropped, start_step)
 
   # ---------------------------------------------------------------- compile
   batch_sh, train_step = trainer.batch_sharding, trainer.train_step
-  eval_step = jax.jit(make_eval_step(graphdef, objective, config),
+  eval_step = jax.jit(make_eval_step(graphdef, objective),
                       in_shardings=(state_sh.params, batch_sh, None),
                       out_shardings=shd.replicated(mesh))
   eval_batches = [to_global_arrays(b, mesh, batch_sh) for b in data.eval_batches(t.eval_batches)]
@@ -216,7 +158,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return ckpt.save(manager, step, state, force=force, data_iterator=data.iterator)
 
   # ------------------------------------------------------------------- loop
-  writer = MetricsWriter(workdir, enabled=primary)
+  # TensorBoard drops events at or after purge_step: a resumed run replaces them.
+  writer = MetricsWriter(workdir, enabled=primary, purge_step=start_step + 1)
   preemption = _Preemption()
   last = {}
   bar = tqdm(total=t.steps, initial=start_step, disable=not primary, unit="step",
@@ -247,10 +190,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
             # Skipped steps left the parameters as they were: this is the last
             # good state.
             save(step, state, force=True)
-            raise SystemExit(
-                f"error: {streak} consecutive steps had non-finite gradients (last at "
-                f"step {step}); saved the last good state. Lower train.learning_rate "
-                "or check the data")
+            raise TrainingError(
+                f"{streak} consecutive steps had non-finite gradients (last at step "
+                f"{step}); saved the last good state. Lower train.learning_rate or "
+                "check the data")
         if t.eval_every and step % t.eval_every == 0:
           last.update(evaluate(state.params, step))
         save(step, state)
@@ -272,6 +215,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return last
 
 
+def _warn_about_schedule(t, primary: bool) -> None:
+  warmup = config_lib.warmup_steps(t)
+  if primary and warmup > t.steps:
+    log.warning("train.warmup_steps=%d is more than train.steps=%d: the learning rate "
+                "never reaches train.learning_rate (peak %.3g of %.3g); lower it, or set "
+                "--config.train.warmup_fraction=0.1 to warm up over 10%% of the steps",
+                warmup, t.steps, t.learning_rate * t.steps / max(1, warmup),
+                t.learning_rate)
+
+
 def compile_train_step(config) -> dict:
   """Lowers and compiles the train step for the configured mesh; nothing runs.
 
@@ -287,21 +240,19 @@ def compile_train_step(config) -> dict:
     devices = aot.fake_cpu_devices(int(config.mesh.fake_devices))
   else:
     devices = jax.devices()
+  config = config_lib.freeze(config)
   config_lib.validate(config, len(devices))
-  objective = get_objective(config.objective.name)
+  objective = get_objective(config)
   mesh = shd.build_mesh(config.mesh, devices)
   tx = make_optimizer(config.train)
-  graphdef, abstract, state_sh = abstract_train_state(objective, config, mesh, tx)
+  graphdef, abstract, state_sh = abstract_train_state(objective, mesh, tx)
   t = config.train
-  batch_sh = shd.batch_sharding(mesh)
+  batch_sh = shd.batch_sharding(mesh, config.sharding.rules)
   batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32, sharding=batch_sh)
-           for k in ("input_ids", "segment_ids", "positions", "token_type_ids",
-                     "word_starts")}
+           for k in BATCH_KEYS}
   with jax.set_mesh(mesh), axis_rules(config.sharding.rules):
     report = aot.compile_and_report(
-        make_train_step(graphdef, objective, config, tx), (abstract, batch),
-        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, shd.replicated(mesh)),
-        donate_argnums=0)
+        jit_train_step(graphdef, objective, tx, state_sh, batch_sh, mesh), (abstract, batch))
   report["mesh"] = dict(mesh.shape)
   report["parameters"] = int(sum(x.size for x in jax.tree.leaves(abstract.params)))
   return report

@@ -11,7 +11,9 @@ import numpy as np
 
 class MetricsWriter:
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, purge_step: int | None = None):
+    """purge_step: TensorBoard hides this run's earlier events at steps >= it (a
+    resumed run recomputes them)."""
     self.enabled = enabled
     self._tb = None
     self._file = None
@@ -19,7 +21,8 @@ class MetricsWriter:
       os.makedirs(workdir, exist_ok=True)
       self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=purge_step)
 
   def write(self, step: int, metrics: dict, prefix: str = "") -> dict:
     """Writes scalars at `step`; returns them as plain floats."""

@@ -1,8 +1,8 @@
 """Mesh from config, and shardings for parameters, optimizer state and batches.
 
-Mesh axes are ('data', 'fsdp', 'tensor'). Parameter shardings come from each
-parameter's logical axis names through the config's rules table
-(`amos_jax.model.partitioning.logical_to_mesh`).
+Mesh axes are `config.MESH_AXES` ('data', 'fsdp', 'tensor'). Parameter and batch
+shardings come from logical axis names through the config's rules table
+(`amos_jax.model.partitioning.logical_to_mesh`); nothing here names a mesh axis.
 """
 from __future__ import annotations
 
@@ -12,15 +12,12 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from amos_jax.config import resolve_mesh_shape
+from amos_jax.config import MESH_AXES, resolve_mesh_shape
 from amos_jax.model.partitioning import logical_to_mesh
-
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
 
 def build_mesh(mesh_config, devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (default: all), -1 filled."""
+  """A mesh over MESH_AXES and `devices` (default: all), -1 filled."""
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(mesh_config, len(devices))
   try:
@@ -31,9 +28,9 @@ def build_mesh(mesh_config, devices=None) -> Mesh:
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batches: leading (global batch) axis split over data and fsdp."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+  """Batches (B, T): the leading axis placed by the rules table's `batch` entry."""
+  return NamedSharding(mesh, logical_to_mesh(("batch",), rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from amos_jax import config as config_lib
+from amos_jax.errors import ConfigError
 from amos_jax.train import sharding as shd
 
 
@@ -19,17 +21,24 @@ class TrainState(struct.PyTreeNode):
 
 
 def learning_rate_schedule(t) -> optax.Schedule:
-  """Linear warmup to `learning_rate`, then linear (ELECTRA) or cosine decay."""
+  """Learning rate at train step s: linear warmup to `learning_rate`, then linear
+  (ELECTRA) or cosine decay to `end_learning_rate_fraction` of it at `train.steps`.
+
+  The train step evaluates it at `state.step`, the same clock that keys the step's
+  randomness and data, so a skipped (non-finite) step moves the schedule on exactly
+  as it moves the data on.
+  """
   peak, end = t.learning_rate, t.learning_rate * t.end_learning_rate_fraction
-  warmup = optax.linear_schedule(0.0, peak, max(1, t.warmup_steps))
-  decay_steps = max(1, t.steps - t.warmup_steps)
+  warmup_steps = config_lib.warmup_steps(t)
+  warmup = optax.linear_schedule(0.0, peak, max(1, warmup_steps))
+  decay_steps = max(1, t.steps - warmup_steps)
   if t.schedule == "cosine":
     decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=t.end_learning_rate_fraction)
   elif t.schedule == "linear":
     decay = optax.linear_schedule(peak, end, decay_steps)
   else:
-    raise ValueError(f"train.schedule={t.schedule!r}: use 'linear' or 'cosine'")
-  return optax.join_schedules([warmup, decay], [t.warmup_steps])
+    raise ConfigError(f"train.schedule={t.schedule!r}: use 'linear' or 'cosine'")
+  return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
 def param_name(path) -> str:
@@ -44,29 +53,40 @@ def _decay_mask(params):
 
 
 def make_optimizer(t) -> optax.GradientTransformation:
-  """AdamW with warmup + decay and global-norm clipping."""
+  """AdamW's update direction with global-norm clipping, before the learning rate.
+
+  AdamW is clip -> Adam -> + weight_decay * param -> x (-lr). The last factor is
+  applied by the train step as -schedule(state.step) (`apply_learning_rate`), so the
+  learning rate is a function of the train step alone; Adam's own count (its bias
+  correction) advances only on steps that are applied.
+  """
   return optax.chain(
       optax.clip_by_global_norm(t.clip_norm),
-      optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
-                  weight_decay=t.weight_decay, mask=_decay_mask))
+      optax.scale_by_adam(b1=t.b1, b2=t.b2, eps=t.eps),
+      optax.add_decayed_weights(t.weight_decay, mask=_decay_mask))
 
 
-def abstract_model(objective, config):
+def apply_learning_rate(direction, learning_rate):
+  """The AdamW update: -learning_rate * direction."""
+  return jax.tree.map(lambda d: -learning_rate * d, direction)
+
+
+def abstract_model(objective):
   """(graphdef, abstract params) without allocating anything."""
-  model = nnx.eval_shape(lambda: objective.build_model(config, nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: objective.build_model(nnx.Rngs(0)))
   graphdef, params = nnx.split(model, nnx.Param)
   return graphdef, params
 
 
-def _init_and_shardings(objective, config, mesh, tx):
+def _init_and_shardings(objective, mesh, tx):
   """(graphdef, init fn, abstract state, state shardings); traces the model once."""
-  rules = config.sharding.rules
-  graphdef, abstract_params = abstract_model(objective, config)
-  params_sh = shd.param_shardings(abstract_params, mesh, rules)
+  config = objective.config
+  graphdef, abstract_params = abstract_model(objective)
+  params_sh = shd.param_shardings(abstract_params, mesh, config.sharding.rules)
   seed = config.train.seed
 
   def init():
-    model = objective.build_model(config, nnx.Rngs(seed))
+    model = objective.build_model(nnx.Rngs(seed))
     _, params = nnx.split(model, nnx.Param)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params),
@@ -80,23 +100,23 @@ def _init_and_shardings(objective, config, mesh, tx):
   return graphdef, init, abstract, state_sh
 
 
-def create_train_state(objective, config, mesh, tx):
+def create_train_state(objective, mesh, tx):
   """Builds the model and optimizer state already sharded on `mesh`.
 
   Returns (graphdef, state, state_shardings).
   """
-  graphdef, init, _, state_sh = _init_and_shardings(objective, config, mesh, tx)
+  graphdef, init, _, state_sh = _init_and_shardings(objective, mesh, tx)
   with jax.set_mesh(mesh):
     state = jax.jit(init, out_shardings=state_sh)()
   return graphdef, state, state_sh
 
 
-def abstract_train_state(objective, config, mesh, tx):
+def abstract_train_state(objective, mesh, tx):
   """(graphdef, ShapeDtypeStructs with shardings, shardings): nothing allocated.
 
   What `--compile_only` compiles against, on devices that need not exist.
   """
-  graphdef, _, abstract, state_sh = _init_and_shardings(objective, config, mesh, tx)
+  graphdef, _, abstract, state_sh = _init_and_shardings(objective, mesh, tx)
   return graphdef, abstract_state(state_sh, abstract), state_sh
 
 

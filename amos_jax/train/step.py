@@ -11,8 +11,8 @@ from flax import nnx
 from amos_jax.model import rng as rng_lib
 from amos_jax.model.partitioning import constrain
 from amos_jax.train import sharding as shd
-from amos_jax.train.state import (TrainState, create_train_state, learning_rate_schedule,
-                                  make_optimizer)
+from amos_jax.train.state import (TrainState, apply_learning_rate, create_train_state,
+                                  learning_rate_schedule, make_optimizer)
 
 
 def step_rng(seed: int, step) -> jax.Array:
@@ -35,32 +35,38 @@ def split_micro_batches(batch: dict, num: int) -> dict:
   return {k: split(v) for k, v in batch.items()}, split(jnp.arange(b, dtype=jnp.int32))
 
 
-def make_train_step(graphdef, objective, config, tx):
+def make_train_step(graphdef, objective, tx):
   """Builds `train_step(state, batch) -> (state, metrics)`; jit it with shardings.
 
   With `train.grad_accum_steps` = A > 1 the batch is split into A micro-batches
   whose gradients are summed in a scan. Each row draws its masks, samples and
   dropout from its own key (the step key folded with the global row index), and
-  every loss divides by whole-batch counts (`objective.loss_normalizers`), so A
-  micro-batches give the gradient and metrics of one step on the whole batch.
-  """
-  schedule = learning_rate_schedule(config.train)
-  seed = config.train.seed
-  accum = max(1, int(config.train.get("grad_accum_steps", 1)))
-  normalizers = getattr(objective, "loss_normalizers", None)
+  every loss divides by whole-batch counts (`objective.loss_counts`, computed once
+  on the full batch), so A micro-batches give the gradient and metrics of one step
+  on the whole batch.
 
-  def loss_fn(params, batch, rng):
+  One clock: `state.step` keys the randomness and sets the learning rate. A step
+  whose gradients or updates are not finite changes neither the parameters nor
+  Adam's moments, but still advances `state.step`: the next step sees the next
+  batch, keys and learning rate, and the logged `learning_rate` is the one the
+  schedule gives at that step.
+  """
+  t = objective.config.train
+  schedule = learning_rate_schedule(t)
+  seed = t.seed
+  accum = max(1, int(t.grad_accum_steps))
+
+  def loss_fn(params, batch, counts, rng):
     model = nnx.merge(graphdef, params)
-    return objective.compute_loss(model, batch, rng, config, train=True)
+    return objective.loss(model, batch, counts, rng, True)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def gradients(params, batch, key):
-    counts = normalizers(batch, config) if normalizers is not None else {}
+    counts = objective.loss_counts(batch)
 
     def one(mb, mb_rows):
-      (_, metrics), grads = grad_fn(params, dict(mb, **counts),
-                                    rng_lib.per_row(key, mb_rows))
+      (_, metrics), grads = grad_fn(params, mb, counts, rng_lib.per_row(key, mb_rows))
       return grads, metrics
 
     if accum == 1:
@@ -73,15 +79,17 @@ def make_train_step(graphdef, objective, config, tx):
     return total
 
   def train_step(state: TrainState, batch):
+    learning_rate = schedule(state.step)
     grads, metrics = gradients(state.params, batch, step_rng(seed, state.step))
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    direction, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = apply_learning_rate(direction, learning_rate)
     params = optax.apply_updates(state.params, updates)
     # Non-finite guard: a step whose gradients (or updates: an overflowing learning
     # rate) are not finite changes nothing but the counters.
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(state.step),
+    metrics = dict(metrics, grad_norm=grad_norm, learning_rate=learning_rate,
                    skipped=(~finite).astype(jnp.float32))
     new_state = TrainState(
         step=state.step + 1, params=keep(params, state.params),
@@ -92,17 +100,26 @@ def make_train_step(graphdef, objective, config, tx):
   return train_step
 
 
-def make_eval_step(graphdef, objective, config):
+def make_eval_step(graphdef, objective):
   """`eval_step(params, batch, index) -> metrics`, deterministic (no dropout)."""
+  seed = objective.config.train.seed
 
   def eval_step(params, batch, index):
     model = nnx.merge(graphdef, params)
     # Eval masks depend only on the eval batch index: every eval sees the same masks.
-    rng = step_rng(config.train.seed + 1, index)
-    _, metrics = objective.compute_loss(model, batch, rng, config, train=False)
+    rng = step_rng(seed + 1, index)
+    _, metrics = objective.loss(model, batch, objective.loss_counts(batch), rng, False)
     return metrics
 
   return eval_step
+
+
+def jit_train_step(graphdef, objective, tx, state_shardings, batch_sharding, mesh):
+  """The train step jitted with its shardings and the state donated: the one
+  program the trainer runs and `--compile_only` compiles ahead of time."""
+  return jax.jit(make_train_step(graphdef, objective, tx),
+                 in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
 
 
 class Trainer(NamedTuple):
@@ -113,12 +130,11 @@ class Trainer(NamedTuple):
   train_step: Callable    # jitted, state donated
 
 
-def build_trainer(objective, config, mesh) -> Trainer:
+def build_trainer(objective, mesh) -> Trainer:
   """Model and optimizer born sharded on `mesh`, and the jitted train step."""
+  config = objective.config
   tx = make_optimizer(config.train)
-  graphdef, state, state_sh = create_train_state(objective, config, mesh, tx)
-  batch_sh = shd.batch_sharding(mesh)
-  step = jax.jit(make_train_step(graphdef, objective, config, tx),
-                 in_shardings=(state_sh, batch_sh),
-                 out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=0)
+  graphdef, state, state_sh = create_train_state(objective, mesh, tx)
+  batch_sh = shd.batch_sharding(mesh, config.sharding.rules)
+  step = jit_train_step(graphdef, objective, tx, state_sh, batch_sh, mesh)
   return Trainer(graphdef, state, state_sh, batch_sh, step)
