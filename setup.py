@@ -57,8 +57,8 @@ setup(
     entry_points={
         "console_scripts": [
             "amos-train=amos_jax.cli:train_main",
-            "amos-prepare=amos_jax.data.prepare:main",
-            "amos-export=amos_jax.hf.export:main",
+            "amos-prepare=amos_jax.cli:prepare_main",
+            "amos-export=amos_jax.cli:export_main",
             "amos-eval=amos_jax.eval.cli:eval_main",
             "amos-index=amos_jax.eval.cli:index_main",
         ],
