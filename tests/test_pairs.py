@@ -1,12 +1,15 @@
 """Paired/triplet data: formats, layout, determinism, resume, process sharding."""
 import collections
+import gzip
 import json
+import logging
 
 import numpy as np
 import pytest
 
 from amos_jax.data import pairs
 from amos_jax.data import tokenizer as tk
+from amos_jax.errors import ConfigError, DataError
 
 ROWS = [(f"what is item {i}", f"item {i} is a thing number {i}",
          [f"item {i + 1} is not it", f"nothing about {i}"]) for i in range(40)]
@@ -89,26 +92,34 @@ def test_seed_resume_and_process_shards(files, tok_dir):
   assert sum((parts[0] + parts[1]).values()) == len(ROWS) == len(parts[0] + parts[1])
 
 
-def test_sentences_only_and_negative_counts(files, tok_dir, capsys):
+def test_sentences_only_and_negative_counts(files, tok_dir, caplog):
   b = next(pairs.make_pairs_iterator(_cfg(files / "sents.tsv", tok_dir, num_negatives=0)))
   assert set(b) == {"query"}
   b = next(pairs.make_pairs_iterator(_cfg(files / "t.tsv", tok_dir, num_negatives=0)))
   assert set(b) == {"query", "positive"}
-  with pytest.raises(SystemExit, match="error: no examples"):
-    pairs.read_examples(_cfg(files / "t.jsonl", tok_dir, num_negatives=3))
-  assert "skipped 40 example(s) with fewer than num_negatives=3" in capsys.readouterr().err
+  with caplog.at_level(logging.WARNING, logger="amos_jax"):
+    with pytest.raises(DataError, match="^no examples in .*: each has fewer than "
+                       "num_negatives=3 negatives; lower it"):
+      pairs.read_examples(_cfg(files / "t.jsonl", tok_dir, num_negatives=3))
+  assert "skipped 40 example(s) with fewer than num_negatives=3" in caplog.text
 
 
 def test_bad_input(tmp_path, tok_dir):
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"query": "a", "positive": "b"}\n{not json\n')
-  with pytest.raises(SystemExit, match=f"error: {bad}:2: not JSON"):
+  with pytest.raises(DataError, match=f"^{bad}:2: not JSON"):
     pairs.read_examples(_cfg(bad, tok_dir, num_negatives=0))
   mixed = tmp_path / "mixed.tsv"
   mixed.write_text("a\tb\nc\n")
-  with pytest.raises(SystemExit, match="some examples have a positive"):
+  with pytest.raises(DataError, match="^some examples have a positive"):
     pairs.read_examples(_cfg(mixed, tok_dir, num_negatives=0))
-  with pytest.raises(SystemExit, match="no such file"):
+  with pytest.raises(DataError, match="^pairs file .*none.tsv: no such file"):
     pairs.read_examples(_cfg(tmp_path / "none.tsv", tok_dir))
-  with pytest.raises(SystemExit, match="does not divide over 3"):
+  with pytest.raises(DataError, match=f"^pairs file {tmp_path} is a folder"):
+    pairs.read_examples(_cfg(tmp_path, tok_dir))
+  packed = tmp_path / "pairs.tsv.gz"
+  packed.write_bytes(gzip.compress(b"a\tb\n"))
+  with pytest.raises(DataError, match=f"^{packed} is not UTF-8 text: it is gzip"):
+    pairs.read_examples(_cfg(packed, tok_dir, num_negatives=0))
+  with pytest.raises(ConfigError, match="^batch size 8 does not divide over 3"):
     pairs.make_pairs_iterator(_cfg(mixed, tok_dir, process_count=3))

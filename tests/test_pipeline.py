@@ -8,7 +8,9 @@ import pytest
 from amos_jax.data import corpus
 from amos_jax.data import pipeline as pl
 from amos_jax.data import prepare
+from amos_jax.data import records
 from amos_jax.data import tokenizer as tk
+from amos_jax.errors import ConfigError, DataError
 
 T = 64
 
@@ -139,7 +141,7 @@ def test_processes_get_disjoint_examples_covering_the_data(data_dir):
 
 
 def test_every_token_appears_once_per_epoch(data_dir):
-  m = prepare.load_manifest(data_dir)
+  m = records.load_manifest(data_dir)
   for packing in (True, False):
     batches = _all(_cfg(data_dir, num_epochs=1, packing=packing, drop_remainder=False))
     pieces = _pieces(batches)
@@ -225,16 +227,18 @@ def test_to_global_arrays(data_dir):
 
 
 def test_bad_input(data_dir, tmp_path):
-  with pytest.raises(SystemExit, match="vocab_size 600 but the model has"):
+  with pytest.raises(ConfigError, match="vocab_size 600 but the model has"):
     pl.make_iterator(_cfg(data_dir, vocab_size=500))
-  with pytest.raises(SystemExit, match="does not divide over 3 processes"):
+  with pytest.raises(ConfigError, match="^train.batch_size=8 does not divide over 3 "):
     pl.make_iterator(_cfg(data_dir, process_count=3))
-  with pytest.raises(SystemExit, match="no manifest.json"):
+  with pytest.raises(ConfigError, match="^train.seq_len=3 is too short"):
+    pl.make_iterator(_cfg(data_dir, seq_len=3))
+  with pytest.raises(DataError, match="no manifest.json"):
     pl.make_iterator(_cfg(str(tmp_path)))
   # A truncated shard is named before anything is read.
   broken = tmp_path / "broken"
   os.system(f"cp -r {data_dir} {broken}")
   shard = sorted(broken.glob("tokens-*"))[1]
   shard.write_bytes(shard.read_bytes()[:-100])
-  with pytest.raises(SystemExit, match=f"truncated shard .*{shard.name}"):
+  with pytest.raises(DataError, match=f"^corrupt or truncated shard .*{shard.name}"):
     pl.make_iterator(_cfg(str(broken)))

@@ -6,6 +6,7 @@ import pytest
 
 from amos_jax.data import corpus
 from amos_jax.data import tokenizer as tk
+from amos_jax.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +70,39 @@ def test_save_and_load(tmp_path, sp_bpe):
     tok = tk.load_tokenizer(spec)
     assert tok.fingerprint == sp_bpe.fingerprint
     assert tok.encode("Sydney is a city.") == sp_bpe.encode("Sydney is a city.")
-  with pytest.raises(SystemExit, match="error: tokenizer not found"):
+  with pytest.raises(DataError, match="^tokenizer not found"):
     tk.load_tokenizer(str(tmp_path / "missing"))
   bad = tmp_path / "bad.model"
   bad.write_bytes(b"not a model")
-  with pytest.raises(SystemExit, match="error: .*not a sentencepiece model"):
+  with pytest.raises(DataError, match=f"^{bad} is not a sentencepiece model"):
     tk.load_tokenizer(str(bad))
+  (tmp_path / "broken").mkdir()
+  (tmp_path / "broken" / tk.CONFIG_FILE).write_text("{not json")
+  with pytest.raises(DataError, match="corrupt tokenizer config"):
+    tk.load_tokenizer(str(tmp_path / "broken"))
 
 
 def test_empty_corpus_is_an_error():
-  with pytest.raises(SystemExit, match="empty corpus"):
+  with pytest.raises(DataError, match="empty corpus"):
     tk.train_sentencepiece(["", "  \n"], vocab_size=100)
+
+
+def test_vocab_size_errors_give_the_right_advice():
+  """Too small says raise it, too large says lower it, each naming the caller's key;
+  a hopeless value is refused before training."""
+  text = ["hello world this is text", "another line of words here"]
+  for size in (0, 5, -1):
+    with pytest.raises(ConfigError, match=f"^model.vocab_size={size} is too small") as e:
+      tk.train_sentencepiece(text, vocab_size=size, vocab_flag="model.vocab_size")
+    assert "lower" not in str(e.value)
+  with pytest.raises(ConfigError, match="^vocab_size=8 is smaller than the corpus's "
+                     r"characters need; raise it to at least \d+$"):
+    tk.train_sentencepiece(text, vocab_size=8)
+  with pytest.raises(ConfigError, match="^vocab_size=9000 is too large for this corpus; "
+                     r"lower it to at most \d+ or give more text$"):
+    tk.train_sentencepiece(text, vocab_size=9000)
+  with pytest.raises(ConfigError, match="model_type must be"):
+    tk.train_sentencepiece(text, vocab_size=30, model_type="char")
 
 
 # -------------------------------------------------------------------- WordPiece

@@ -19,13 +19,16 @@ grain.checkpoint.CheckpointSave), deterministic by seed, sharded by process, as 
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
 
 import grain
 import numpy as np
 
-from amos_jax.data import prepare
+from amos_jax.data import corpus
 from amos_jax.data import tokenizer as tk
+from amos_jax.errors import ConfigError, DataError
+
+log = logging.getLogger("amos_jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +53,7 @@ Example = tuple  # (query, positive or None, negatives tuple)
 
 
 def _jsonl_rows(path, cfg, stats):
-  for obj in prepare.iter_jsonl(path, cfg.query_field, stats):
+  for obj in corpus.iter_jsonl(path, cfg.query_field, stats):
     negs = obj.get(cfg.negatives_field) or ()
     if isinstance(negs, str):
       negs = (negs,)
@@ -60,6 +63,7 @@ def _jsonl_rows(path, cfg, stats):
 
 
 def _tsv_rows(path, stats):
+  corpus.check_text_file(path)
   with open(path, "rb") as f:
     for n, raw in enumerate(f, 1):
       cols = stats.decode(raw, path).rstrip("\r\n").split("\t")
@@ -68,13 +72,15 @@ def _tsv_rows(path, stats):
       if n == 1 and [c.lower() for c in cols[:2]] == ["query", "positive"][:len(cols[:2])]:
         continue  # header
       yield cols[0], (cols[1] if len(cols) > 1 else None), tuple(cols[2:])
+  stats.check(path)
 
 
 def read_examples(cfg: PairsConfig) -> list[Example]:
   """All examples of cfg.paths, in file order; bad input stops with one line."""
-  stats = prepare.SourceStats()
+  stats = corpus.SourceStats()
   rows, short = [], 0
-  for path in prepare.expand_inputs(cfg.paths):
+  paths = corpus.expand_inputs(map(str, cfg.paths), what="pairs file", specs=False)
+  for path in paths:
     it = _jsonl_rows(path, cfg, stats) if path.endswith((".jsonl", ".json")) else \
         _tsv_rows(path, stats)
     for q, p, negs in it:
@@ -82,19 +88,21 @@ def read_examples(cfg: PairsConfig) -> list[Example]:
         short += 1
         continue
       rows.append((q, p, negs[:cfg.num_negatives]))
-  for line in stats.warnings():
-    print(line, file=sys.stderr)
+  stats.log_warnings()
   if short:
-    print(f"warning: skipped {short} example(s) with fewer than num_negatives="
-          f"{cfg.num_negatives} negatives", file=sys.stderr)
+    log.warning(f"skipped {short} example(s) with fewer than num_negatives="
+                f"{cfg.num_negatives} negatives")
   if not rows:
-    raise SystemExit(f"error: no examples in {', '.join(cfg.paths)}")
+    why = (f"each has fewer than num_negatives={cfg.num_negatives} negatives; lower it"
+           if short else "give a file with at least one example")
+    raise DataError(f"no examples in {', '.join(map(str, cfg.paths))}: {why}")
   has_pos = {p is not None for _, p, _ in rows}
   if len(has_pos) > 1:
-    raise SystemExit("error: some examples have a positive and some do not; "
-                     "give every row a positive, or none (unsupervised SimCSE)")
+    raise DataError("some examples have a positive and some do not; "
+                    "give every row a positive, or none (unsupervised SimCSE)")
   if cfg.num_negatives and has_pos == {False}:
-    raise SystemExit("error: num_negatives > 0 needs a positive in every example")
+    raise ConfigError("num_negatives > 0 needs a positive in every example; "
+                      "set num_negatives=0 or give positives")
   return rows
 
 
@@ -129,7 +137,7 @@ class _Encode(grain.transforms.Map):
 def make_pairs_dataset(cfg: PairsConfig, tok: tk.Tokenizer | None = None) -> grain.IterDataset:
   """Shuffled, process-sharded, tokenized, batched pairs (see module docstring)."""
   if cfg.query_len < 3 or cfg.passage_len < 3:
-    raise SystemExit("error: query_len and passage_len must be at least 3")
+    raise ConfigError("query_len and passage_len must be at least 3")
   if cfg.process_index is None or cfg.process_count is None:
     import jax
     index = jax.process_index() if cfg.process_index is None else cfg.process_index
@@ -137,8 +145,8 @@ def make_pairs_dataset(cfg: PairsConfig, tok: tk.Tokenizer | None = None) -> gra
   else:
     index, count = cfg.process_index, cfg.process_count
   if cfg.global_batch_size % count:
-    raise SystemExit(f"error: batch size {cfg.global_batch_size} does not divide over "
-                     f"{count} processes; use a multiple of {count}")
+    raise ConfigError(f"batch size {cfg.global_batch_size} does not divide over "
+                      f"{count} processes; use a multiple of {count}")
   tok = tok or tk.load_tokenizer(cfg.tokenizer)
   ds = grain.MapDataset.source(read_examples(cfg))
   ds = ds.shuffle(seed=cfg.seed).repeat(cfg.num_epochs)[index::count]

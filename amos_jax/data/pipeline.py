@@ -37,7 +37,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from amos_jax.data import prepare
+from amos_jax.data import records
+from amos_jax.errors import ConfigError, DataError, one_line
 
 KEYS = ("input_ids", "segment_ids", "positions", "token_type_ids", "word_starts")
 
@@ -64,16 +65,16 @@ class _Shards(grain.sources.RandomAccessDataSource):
   """ArrayRecord shards whose read errors name the file."""
 
   def __init__(self, manifest):
-    self._paths = prepare.shard_paths(manifest)
+    self._paths = records.shard_paths(manifest)
     self._ends = np.cumsum([s["num_records"] for s in manifest["shards"]])
     try:
       self._src = grain.sources.ArrayRecordDataSource(self._paths)
     except Exception as e:  # the C++ reader raises RuntimeError/ValueError variants
-      raise SystemExit(f"error: cannot open shards in {manifest['dir']} ({e}); "
-                       "run amos-prepare --verify on it") from None
+      raise DataError(f"cannot open shards in {manifest['dir']} ({one_line(e)}); "
+                      "run amos-prepare --verify on it") from None
     if len(self._src) != int(self._ends[-1]):
-      raise SystemExit(f"error: {manifest['dir']}: shards hold {len(self._src)} records, "
-                       f"manifest says {int(self._ends[-1])}; re-run amos-prepare")
+      raise DataError(f"{manifest['dir']}: shards hold {len(self._src)} records, "
+                      f"manifest says {int(self._ends[-1])}; re-run amos-prepare")
 
   def __len__(self):
     return len(self._src)
@@ -83,12 +84,12 @@ class _Shards(grain.sources.RandomAccessDataSource):
       return self._src[index]
     except Exception as e:
       path = self._paths[int(np.searchsorted(self._ends, index, side="right"))]
-      raise SystemExit(f"error: corrupt shard {path}: cannot read record ({e}); "
-                       "re-run amos-prepare") from None
+      raise DataError(f"corrupt shard {path}: cannot read record ({one_line(e)}); "
+                      "re-run amos-prepare") from None
 
 
 def _decode(record: bytes) -> dict[str, np.ndarray]:
-  ids, words, sents = prepare.decode_record(record)
+  ids, words, sents = records.decode_record(record)
   return dict(ids=ids, word_starts=words, sentence_starts=sents)
 
 
@@ -157,21 +158,21 @@ def _processes(cfg):
 def local_batch_size(cfg: PipelineConfig) -> int:
   _, count = _processes(cfg)
   if cfg.global_batch_size % count:
-    raise SystemExit(f"error: train.batch_size={cfg.global_batch_size} does not divide "
-                     f"over {count} processes; use a multiple of {count}")
+    raise ConfigError(f"train.batch_size={cfg.global_batch_size} does not divide "
+                      f"over {count} processes; use a multiple of {count}")
   return cfg.global_batch_size // count
 
 
 def make_dataset(cfg: PipelineConfig) -> grain.IterDataset:
   """The grain dataset of per-process batches (see the module docstring)."""
   if cfg.seq_len < 4:
-    raise SystemExit(f"error: train.seq_len={cfg.seq_len} is too short; use at least 4")
+    raise ConfigError(f"train.seq_len={cfg.seq_len} is too short; use at least 4")
   index, count = _processes(cfg)
   if not 0 <= index < count:
-    raise SystemExit(f"error: process_index {index} is outside 0..{count - 1}")
+    raise ConfigError(f"process_index {index} is outside 0..{count - 1}")
   batch = local_batch_size(cfg)
-  manifest = prepare.load_manifest(cfg.data_dir)
-  prepare.check_vocab(manifest, cfg.vocab_size)
+  manifest = records.load_manifest(cfg.data_dir)
+  records.check_vocab(manifest, cfg.vocab_size)
   tok = manifest["tokenizer"]
 
   ds = grain.MapDataset.source(_Shards(manifest))

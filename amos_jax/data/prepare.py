@@ -8,174 +8,36 @@
   amos-prepare --verify data/demo
 
 Output directory: `tokens-XXXXX-of-NNNNN.array_record` (one record per document),
-`tokenizer/` (the tokenizer, so the data carries what made it) and `manifest.json`
-(tokenizer description, counts, sequence length, per-shard and overall sha256).
-Everything is written under a temporary name and renamed into place at the end,
-so a directory with a manifest is always complete.
+`tokenizer/` (the tokenizer, so the data carries what made it) and `manifest.json`;
+the format is `records.py`'s. Everything is written into a temporary sibling folder
+and renamed into place at the end, so a directory with a manifest is always
+complete. `--out` must be new, empty, or (with `--overwrite`) an earlier
+amos-prepare output; nothing else is ever deleted.
 
-Record format: little-endian uint32 per token; bits 0-29 the token id, bit 30 set
-where a sentence starts (for sentence-pair segments), bit 31 where a word starts
-(for whole-word masking). Documents are assigned to shards round-robin in source
-order, so the output does not depend on the number of worker processes.
+Documents are assigned to shards round-robin in source order, so the output does
+not depend on the number of worker processes.
 """
 from __future__ import annotations
 
 import argparse
-import glob
-import hashlib
-import json
 import multiprocessing
 import os
 import re
 import shutil
 import sys
+import tempfile
 import time
-from typing import Iterable, Iterator
 
 import numpy as np
 
+from amos_jax.data import corpus
+from amos_jax.data import records
 from amos_jax.data import tokenizer as tk
+# Re-exported for benchmarks/bench_loader.py.
+from amos_jax.data.records import load_manifest  # noqa: F401
+from amos_jax.errors import ConfigError, DataError
 
-FORMAT = "amos_jax.tokens.v1"
-MANIFEST = "manifest.json"
-_ID_MASK = (1 << 30) - 1
-_SENT_BIT = np.uint32(1 << 30)
-_WORD_BIT = np.uint32(1 << 31)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-# ------------------------------------------------------------------ records
-def encode_record(ids, word_starts, sentence_starts=None) -> bytes:
-  """(n,) ids + flags -> bytes of n little-endian uint32."""
-  v = np.asarray(ids, np.uint32)
-  v |= np.asarray(word_starts, bool).astype(np.uint32) << 31
-  if sentence_starts is not None:
-    v |= np.asarray(sentence_starts, bool).astype(np.uint32) << 30
-  return v.astype("<u4").tobytes()
-
-
-def decode_record(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """bytes -> (ids int32 (n,), word_starts bool (n,), sentence_starts bool (n,))."""
-  v = np.frombuffer(data, "<u4")
-  return ((v & _ID_MASK).astype(np.int32), (v & _WORD_BIT) != 0, (v & _SENT_BIT) != 0)
-
-
-# ------------------------------------------------------------------ sources
-class SourceStats:
-  """Counts of bad input, reported once at the end instead of per line."""
-
-  def __init__(self, strict_utf8: bool = False):
-    self.strict_utf8 = strict_utf8
-    self.bad_utf8: dict[str, int] = {}
-
-  def decode(self, raw: bytes, where: str) -> str:
-    try:
-      return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-      if self.strict_utf8:
-        raise SystemExit(f"error: {where}: invalid UTF-8 ({e.reason} at byte "
-                         f"{e.start}); fix the file or drop --strict-utf8") from None
-      self.bad_utf8[where] = self.bad_utf8.get(where, 0) + 1
-      return raw.decode("utf-8", errors="replace")
-
-  def warnings(self) -> list[str]:
-    return [f"warning: {f}: {n} line(s) had invalid UTF-8; bad bytes replaced with U+FFFD"
-            for f, n in self.bad_utf8.items()]
-
-
-def expand_inputs(patterns: Iterable[str]) -> list[str]:
-  """Globs -> sorted existing paths; `demo` and `tfds:` specs pass through."""
-  out = []
-  for pat in patterns:
-    if pat == "demo" or pat.startswith("tfds:"):
-      out.append(pat)
-      continue
-    pat = os.path.expanduser(pat)
-    matches = sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat]
-    matches = [m for m in matches if os.path.isfile(m)]
-    if not matches:
-      raise SystemExit(f"error: --input {pat}: no such file")
-    out.extend(matches)
-  return out
-
-
-def _text_documents(path, doc_sep, stats):
-  with open(path, "rb") as f:
-    if doc_sep == "line":
-      for raw in f:
-        text = stats.decode(raw, path).strip()
-        if text:
-          yield text
-      return
-    para = []
-    for raw in f:
-      line = stats.decode(raw, path).strip()
-      if line:
-        para.append(line)
-      elif para:
-        yield " ".join(para)
-        para = []
-    if para:
-      yield " ".join(para)
-
-
-def iter_jsonl(path: str, required: str, stats: SourceStats) -> Iterator[dict]:
-  """JSON objects of a JSON Lines file; each must hold the field `required`."""
-  with open(path, "rb") as f:
-    for n, raw in enumerate(f, 1):
-      line = stats.decode(raw, path).strip()
-      if not line:
-        continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise SystemExit(f"error: {path}:{n}: not JSON ({e.msg})") from None
-      if not isinstance(obj, dict) or required not in obj:
-        raise SystemExit(f"error: {path}:{n}: no field {required!r}; set the field name")
-      yield obj
-
-
-def _jsonl_documents(path, text_field, stats):
-  for obj in iter_jsonl(path, text_field, stats):
-    text = str(obj[text_field]).strip()
-    if text:
-      yield text
-
-
-def _tfds_documents(spec, text_field, data_dir, stats):
-  import tensorflow_datasets as tfds
-  name, _, split = spec[len("tfds:"):].partition(":")
-  try:
-    source = tfds.data_source(name, split=split or "train", data_dir=data_dir,
-                              download=False)
-  except Exception as e:  # tfds raises many types for a missing dataset
-    raise SystemExit(f"error: {spec}: cannot open tfds dataset ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0] if str(e) else ''}); prepare it in "
-                     "array_record format under --tfds-data-dir") from None
-  for i in range(len(source)):
-    value = source[i].get(text_field) if isinstance(source[i], dict) else None
-    if value is None:
-      raise SystemExit(f"error: {spec}: no feature {text_field!r}; set --text-field")
-    text = stats.decode(value, spec) if isinstance(value, bytes) else str(value)
-    if text.strip():
-      yield text.strip()
-
-
-def iter_documents(inputs: Iterable[str], *, doc_sep: str = "line",
-                   text_field: str = "text", tfds_data_dir: str | None = None,
-                   stats: SourceStats | None = None) -> Iterator[str]:
-  """Documents from text files, JSON Lines, `demo`, or `tfds:NAME[:SPLIT]`."""
-  stats = stats or SourceStats()
-  for src in inputs:
-    if src == "demo":
-      from amos_jax.data import corpus
-      yield from corpus.demo_documents()
-    elif src.startswith("tfds:"):
-      yield from _tfds_documents(src, text_field, tfds_data_dir, stats)
-    elif src.endswith((".jsonl", ".json")):
-      yield from _jsonl_documents(src, text_field, stats)
-    else:
-      yield from _text_documents(src, doc_sep, stats)
 
 
 # --------------------------------------------------------------- tokenizing
@@ -202,7 +64,7 @@ def encode_documents(tok: tk.Tokenizer, docs: list[str]) -> list[bytes]:
       acc[0].extend(ids)
       acc[1].extend(starts)
       acc[2].extend([True] + [False] * (len(ids) - 1))
-  return [encode_record(*acc) for acc in per_doc if acc[0]]
+  return [records.encode_record(*acc) for acc in per_doc if acc[0]]
 
 
 def _encode_chunk(docs):
@@ -220,16 +82,94 @@ def _chunks(it, size):
     yield chunk
 
 
-def _sha256(path):
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      h.update(block)
-  return h.hexdigest()
+# --------------------------------------------------------------- output folder
+def _check_out_dir(out_dir: str, overwrite: bool) -> bool:
+  """Raises unless out_dir can be written as asked; True if it holds data to replace.
+
+  Only a folder that amos-prepare wrote (our manifest, and nothing but our files)
+  may be replaced, and only with --overwrite: a tool never deletes what it did not
+  write.
+  """
+  if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+    raise DataError(f"--out {out_dir} is a file; give a folder path (new or empty)")
+  parent = os.path.dirname(out_dir)
+  while not os.path.lexists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise DataError(f"--out {out_dir}: {parent} is a file, not a folder; give "
+                    "another --out")
+  # The data is written into a sibling of out_dir and renamed: the parent must be
+  # writable (the nearest existing one, when out_dir's parents are to be made).
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise DataError(f"--out {out_dir}: cannot write in {parent} (permission denied); "
+                    "give a writable folder")
+  if not os.path.isdir(out_dir):
+    return False
+  try:
+    entries = os.listdir(out_dir)
+  except OSError as e:
+    raise DataError(f"--out {out_dir}: cannot list it ({e.strerror})") from None
+  if not entries:
+    return False
+  if records.read_manifest_format(out_dir) != records.FORMAT:
+    raise DataError(f"--out {out_dir} is not empty and is not amos-prepare output (no "
+                    f"{records.MANIFEST} of ours); give a new or empty folder")
+  foreign = sorted(e for e in entries if not records.is_own_entry(e))
+  if foreign:
+    raise DataError(f"--out {out_dir} holds {foreign[0]!r}, which amos-prepare did not "
+                    "write; move it away or give another --out")
+  if not overwrite:
+    raise DataError(f"{out_dir} already holds prepared data; pass --overwrite to "
+                    "replace it")
+  return True
 
 
-def shard_name(k: int, n: int) -> str:
-  return f"tokens-{k:05d}-of-{n:05d}.array_record"
+def _move_into_place(tmp: str, out_dir: str, replace: bool) -> None:
+  """Renames the finished tmp folder to out_dir; the old data goes only after that."""
+  if not replace:
+    try:
+      # Renaming onto a folder succeeds only if it is empty: nothing can be lost.
+      os.rename(tmp, out_dir)
+    except OSError:
+      if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise DataError(f"--out {out_dir} was filled by something else while preparing; "
+                        "nothing was written, run again with an empty --out") from None
+      raise
+    return
+  old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-",
+                         dir=os.path.dirname(out_dir))
+  os.rename(out_dir, old)  # onto the empty folder mkdtemp made
+  try:
+    os.rename(tmp, out_dir)
+  except BaseException as e:
+    os.rename(old, out_dir)
+    if isinstance(e, OSError):
+      raise DataError(f"--out {out_dir}: cannot move the new data into place "
+                      f"({e.strerror or e}); the old data is kept") from None
+    raise
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_arguments(tokenizer, train_tokenizer, vocab_size, model_type, seq_len,
+                     num_shards, workers, doc_sep, limit) -> None:
+  if (tokenizer is None) == (not train_tokenizer):
+    raise ConfigError("give exactly one of --tokenizer PATH or --train-tokenizer")
+  if train_tokenizer and vocab_size <= len(tk.SPECIAL_TOKENS):
+    raise ConfigError(
+        f"--vocab-size {vocab_size} is too small: the {len(tk.SPECIAL_TOKENS)} special "
+        "tokens alone take that many; use a few thousand (default 8000)")
+  if model_type not in ("unigram", "bpe"):
+    raise ConfigError(f"--model-type must be unigram or bpe, got {model_type!r}")
+  if seq_len < 3:
+    raise ConfigError(f"--seq-len {seq_len} is too short; use at least 3 (512 is usual)")
+  if num_shards < 1:
+    raise ConfigError(f"--num-shards {num_shards} must be at least 1")
+  if workers < 1:
+    raise ConfigError(f"--workers {workers} must be at least 1")
+  if doc_sep not in ("line", "blank"):
+    raise ConfigError(f"--doc-sep must be line or blank, got {doc_sep!r}")
+  if limit is not None and limit < 1:
+    raise ConfigError(f"--limit {limit} must be at least 1 (or left out for all documents)")
 
 
 def prepare(inputs: list[str], out_dir: str, *, tokenizer: str | None = None,
@@ -239,157 +179,127 @@ def prepare(inputs: list[str], out_dir: str, *, tokenizer: str | None = None,
             tfds_data_dir: str | None = None, limit: int | None = None,
             strict_utf8: bool = False, overwrite: bool = False,
             progress: bool = True) -> dict:
-  """Writes shards + manifest to out_dir (atomically); returns the manifest."""
+  """Writes shards + manifest to out_dir (atomically); returns the manifest.
+
+  Arguments, paths and the tokenizer are checked before the corpus is read.
+  Raises ConfigError (arguments) or DataError (paths, input, output folder).
+  """
+  _check_arguments(tokenizer, train_tokenizer, vocab_size, model_type, seq_len,
+                   num_shards, workers, doc_sep, limit)
+  out_dir = os.path.realpath(os.path.abspath(os.path.expanduser(out_dir)))
+  replace = _check_out_dir(out_dir, overwrite)
+  inputs = corpus.expand_inputs(inputs)
+  try:
+    for path in inputs:
+      if os.path.isfile(path):
+        corpus.check_text_file(path)
+    tok = None if train_tokenizer else tk.load_tokenizer(tokenizer)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-",
+                           dir=os.path.dirname(out_dir))
+  except OSError as e:
+    raise DataError(f"{e.filename or out_dir}: {e.strerror or e}") from None
+  stats = corpus.SourceStats(strict_utf8)
+  try:
+    manifest = _write(tmp, inputs, tok, stats, vocab_size=vocab_size,
+                      model_type=model_type, seq_len=seq_len, num_shards=num_shards,
+                      workers=workers, doc_sep=doc_sep, text_field=text_field,
+                      tfds_data_dir=tfds_data_dir, limit=limit, progress=progress)
+    _move_into_place(tmp, out_dir, replace)
+  except OSError as e:
+    raise DataError(f"{e.filename or out_dir}: {e.strerror or e}") from None
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)  # ours; gone already after the rename
+  stats.log_warnings()
+  return manifest
+
+
+def _write(tmp, inputs, tok, stats, *, vocab_size, model_type, seq_len, num_shards,
+           workers, doc_sep, text_field, tfds_data_dir, limit, progress) -> dict:
+  """Tokenizer, shards and manifest into the folder tmp; returns the manifest."""
   from array_record.python.array_record_module import ArrayRecordWriter
   from tqdm import tqdm
 
-  if (tokenizer is None) == (not train_tokenizer):
-    raise SystemExit("error: give exactly one of --tokenizer PATH or --train-tokenizer")
-  out_dir = os.path.abspath(os.path.expanduser(out_dir))
-  if os.path.exists(os.path.join(out_dir, MANIFEST)) and not overwrite:
-    raise SystemExit(f"error: {out_dir} already holds prepared data; pass --overwrite")
-  inputs = expand_inputs(inputs)
-  stats = SourceStats(strict_utf8)
-
   def documents():
-    it = iter_documents(inputs, doc_sep=doc_sep, text_field=text_field,
-                        tfds_data_dir=tfds_data_dir, stats=stats)
+    it = corpus.iter_documents(inputs, doc_sep=doc_sep, text_field=text_field,
+                               tfds_data_dir=tfds_data_dir, stats=stats)
     for i, doc in enumerate(it):
       if limit is not None and i >= limit:
         return
       yield doc
 
-  tmp = os.path.join(os.path.dirname(out_dir),
-                     f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+  docs = None
+  if tok is None:
+    docs = list(documents())
+    if not docs:
+      raise DataError(f"empty corpus: no documents in {', '.join(inputs)}")
+    tok = tk.train_sentencepiece(docs, vocab_size, model_type, vocab_flag="--vocab-size")
+  tok_dir = tok.save(os.path.join(tmp, records.TOKENIZER_DIR))
+
+  names = [records.shard_name(k, num_shards) for k in range(num_shards)]
+  writers = [ArrayRecordWriter(os.path.join(tmp, n), "group_size:1") for n in names]
+  counts = np.zeros((num_shards, 2), np.int64)  # records, tokens
+  n_docs = n_tokens = 0
+  chunks = _chunks(docs if docs is not None else documents(), 64)
+  pool = None
+  if workers > 1:
+    pool = multiprocessing.get_context("spawn").Pool(
+        workers, initializer=_init_worker, initargs=(tok_dir,))
+    encoded = pool.imap(_encode_chunk, chunks)  # ordered: output is deterministic
+  else:
+    encoded = (encode_documents(tok, c) for c in chunks)
+  bar = tqdm(unit=" docs", file=sys.stderr, disable=not progress, desc="prepare")
+  start = time.perf_counter()
   try:
-    if train_tokenizer:
-      docs = list(documents())
-      if not docs:
-        raise SystemExit(f"error: empty corpus: no documents in {', '.join(inputs)}")
-      tok = tk.train_sentencepiece(docs, vocab_size, model_type)
-    else:
-      docs = None
-      tok = tk.load_tokenizer(tokenizer)
-    tok_dir = tok.save(os.path.join(tmp, "tokenizer"))
-
-    names = [shard_name(k, num_shards) for k in range(num_shards)]
-    writers = [ArrayRecordWriter(os.path.join(tmp, n), "group_size:1") for n in names]
-    counts = np.zeros((num_shards, 2), np.int64)  # records, tokens
-    n_docs = n_tokens = 0
-    chunks = _chunks(docs if docs is not None else documents(), 64)
-    pool = None
-    if workers > 1:
-      pool = multiprocessing.get_context("spawn").Pool(
-          workers, initializer=_init_worker, initargs=(tok_dir,))
-      encoded = pool.imap(_encode_chunk, chunks)  # ordered: output is deterministic
-    else:
-      encoded = (encode_documents(tok, c) for c in chunks)
-    bar = tqdm(unit=" docs", file=sys.stderr, disable=not progress, desc="prepare")
-    start = time.perf_counter()
-    try:
-      for records in encoded:
-        for rec in records:
-          k = n_docs % num_shards
-          writers[k].write(rec)
-          counts[k] += (1, len(rec) // 4)
-          n_docs += 1
-          n_tokens += len(rec) // 4
-        bar.update(len(records))
-        rate = n_tokens / max(time.perf_counter() - start, 1e-9)
-        bar.set_postfix(tokens=n_tokens, tok_s=f"{rate:,.0f}", refresh=False)
-    finally:
-      bar.close()
-      for w in writers:
-        w.close()
-      if pool is not None:
-        pool.terminate()
-    if n_docs == 0:
-      raise SystemExit(f"error: empty corpus: no documents in {', '.join(inputs)}")
-
-    shards = [dict(file=n, num_records=int(c[0]), num_tokens=int(c[1]),
-                   bytes=os.path.getsize(os.path.join(tmp, n)),
-                   sha256=_sha256(os.path.join(tmp, n))) for n, c in zip(names, counts)]
-    overall = hashlib.sha256(tok.fingerprint.encode())
-    for s in shards:
-      overall.update(s["sha256"].encode())
-    manifest = dict(
-        format=FORMAT, tokenizer=dict(tok.describe(), dir="tokenizer"),
-        seq_len=int(seq_len), num_documents=n_docs, num_tokens=n_tokens,
-        shards=shards, checksum=overall.hexdigest(),
-        sources=[os.path.abspath(s) if os.path.exists(s) else s for s in inputs],
-        invalid_utf8_lines=sum(stats.bad_utf8.values()))
-    with open(os.path.join(tmp, MANIFEST), "w") as f:
-      json.dump(manifest, f, indent=2)
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    for recs in encoded:
+      for rec in recs:
+        k = n_docs % num_shards
+        writers[k].write(rec)
+        counts[k] += (1, len(rec) // 4)
+        n_docs += 1
+        n_tokens += len(rec) // 4
+      bar.update(len(recs))
+      rate = n_tokens / max(time.perf_counter() - start, 1e-9)
+      bar.set_postfix(tokens=n_tokens, tok_s=f"{rate:,.0f}", refresh=False)
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  for line in stats.warnings():
-    print(line, file=sys.stderr)
+    bar.close()
+    for w in writers:
+      w.close()
+    if pool is not None:
+      pool.terminate()
+  if n_docs == 0:
+    raise DataError(f"empty corpus: no documents in {', '.join(inputs)}")
+
+  shards = [dict(file=n, num_records=int(c[0]), num_tokens=int(c[1]),
+                 bytes=os.path.getsize(os.path.join(tmp, n)),
+                 sha256=records.sha256_file(os.path.join(tmp, n)))
+            for n, c in zip(names, counts)]
+  manifest = dict(
+      format=records.FORMAT, tokenizer=dict(tok.describe(), dir=records.TOKENIZER_DIR),
+      seq_len=int(seq_len), num_documents=n_docs, num_tokens=n_tokens,
+      shards=shards, checksum=records.overall_checksum(tok.fingerprint, shards),
+      sources=[os.path.abspath(s) if os.path.exists(s) else s for s in inputs],
+      invalid_utf8_lines=sum(stats.bad_utf8.values()))
+  records.write_manifest(tmp, manifest)
   return manifest
-
-
-# ------------------------------------------------------------ reading back
-def load_manifest(data_dir: str, verify: bool = False) -> dict:
-  """Reads manifest.json and checks every shard is present and whole.
-
-  Sizes are always checked (cheap); `verify` also re-hashes every shard.
-  """
-  path = os.path.join(os.path.expanduser(data_dir), MANIFEST)
-  if not os.path.exists(path):
-    raise SystemExit(f"error: {data_dir}: no {MANIFEST}; run amos-prepare first "
-                     "(a directory without one is incomplete)")
-  try:
-    with open(path) as f:
-      manifest = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise SystemExit(f"error: {path}: corrupt manifest ({e})") from None
-  if manifest.get("format") != FORMAT:
-    raise SystemExit(f"error: {path}: format {manifest.get('format')!r}, expected {FORMAT}")
-  for s in manifest["shards"]:
-    f = os.path.join(os.path.dirname(path), s["file"])
-    if not os.path.exists(f):
-      raise SystemExit(f"error: missing shard {f}; re-run amos-prepare")
-    if os.path.getsize(f) != s["bytes"]:
-      raise SystemExit(f"error: corrupt or truncated shard {f} ({os.path.getsize(f)} "
-                       f"bytes, manifest says {s['bytes']}); re-run amos-prepare")
-    if verify and _sha256(f) != s["sha256"]:
-      raise SystemExit(f"error: corrupt shard {f}: sha256 differs from the manifest")
-  manifest["dir"] = os.path.dirname(os.path.abspath(path))
-  return manifest
-
-
-def shard_paths(manifest: dict) -> list[str]:
-  return [os.path.join(manifest["dir"], s["file"]) for s in manifest["shards"]]
-
-
-def check_vocab(manifest: dict, vocab_size: int | None = None,
-                tokenizer: tk.Tokenizer | None = None) -> None:
-  """Stops with one line when prepared data and the model disagree on the vocabulary."""
-  t = manifest["tokenizer"]
-  if vocab_size is not None and t["vocab_size"] > vocab_size:
-    raise SystemExit(
-        f"error: data in {manifest['dir']} was tokenized with vocab_size {t['vocab_size']} "
-        f"but the model has model.vocab_size={vocab_size}; set it to {t['vocab_size']} "
-        "or re-run amos-prepare with the model's tokenizer")
-  if tokenizer is not None and tokenizer.fingerprint != t["fingerprint"]:
-    raise SystemExit(
-        f"error: data in {manifest['dir']} was tokenized with a different tokenizer "
-        f"({t['type']} {t['fingerprint']}, expected {tokenizer.kind} "
-        f"{tokenizer.fingerprint}); re-run amos-prepare --tokenizer with the model's")
 
 
 # --------------------------------------------------------------------- CLI
+class _Parser(argparse.ArgumentParser):
+  """Argument errors are one ConfigError line, like every other bad input."""
+
+  def error(self, message):
+    raise ConfigError(f"{message}; see amos-prepare --help")
+
+
 def _parser():
-  p = argparse.ArgumentParser(
+  p = _Parser(
       prog="amos-prepare", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--input", action="append", default=[],
                  help="file, glob, 'demo', or tfds:NAME[:SPLIT] (repeatable)")
-  p.add_argument("--out", help="output directory")
+  p.add_argument("--out", help="output directory: new, empty, or an earlier output "
+                 "(with --overwrite)")
   p.add_argument("--tokenizer", help="tokenizer dir, .model or vocab.txt")
   p.add_argument("--train-tokenizer", action="store_true",
                  help="train a sentencepiece model on the input")
@@ -405,7 +315,8 @@ def _parser():
   p.add_argument("--limit", type=int, default=None, help="stop after N documents")
   p.add_argument("--strict-utf8", action="store_true",
                  help="stop on invalid UTF-8 instead of replacing bad bytes")
-  p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an earlier amos-prepare output in --out")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   p.add_argument("--verify", metavar="DIR", help="re-hash a prepared directory and exit")
   p.add_argument("--register-tfds", metavar="NAME",
@@ -414,44 +325,37 @@ def _parser():
 
 
 def main(argv: list[str] | None = None) -> int:
+  """amos-prepare; raises AmosError (amos_jax.cli.prepare_main prints it)."""
   args = _parser().parse_args(argv)
-  try:
-    if args.verify:
-      m = load_manifest(args.verify, verify=True)
-      print(f"ok: {m['num_documents']} documents, {m['num_tokens']} tokens, "
-            f"{len(m['shards'])} shards, checksum {m['checksum'][:16]}")
-      return 0
-    if not args.input:
-      raise SystemExit("error: --input is required (a file, glob, 'demo' or tfds:NAME)")
-    if args.register_tfds:
-      from amos_jax.data import tfds_builder
-      name = tfds_builder.register_text_corpus(
-          args.register_tfds, expand_inputs(args.input),
-          data_dir=args.tfds_data_dir, doc_sep=args.doc_sep, text_field=args.text_field)
-      print(f"ok: registered tfds dataset {name} under {args.tfds_data_dir}")
-      return 0
-    if not args.out:
-      raise SystemExit("error: --out is required")
-    if args.num_shards < 1 or args.seq_len < 3:
-      raise SystemExit("error: --num-shards must be >= 1 and --seq-len >= 3")
-    m = prepare(args.input, args.out, tokenizer=args.tokenizer,
-                train_tokenizer=args.train_tokenizer, vocab_size=args.vocab_size,
-                model_type=args.model_type, seq_len=args.seq_len,
-                num_shards=args.num_shards, workers=args.workers, doc_sep=args.doc_sep,
-                text_field=args.text_field, tfds_data_dir=args.tfds_data_dir,
-                limit=args.limit, strict_utf8=args.strict_utf8,
-                overwrite=args.overwrite, progress=not args.quiet)
-    print(f"ok: {m['num_documents']} documents, {m['num_tokens']} tokens -> {args.out}")
+  if args.verify:
+    m = records.load_manifest(args.verify, verify=True)
+    print(f"ok: {m['num_documents']} documents, {m['num_tokens']} tokens, "
+          f"{len(m['shards'])} shards, checksum {m['checksum'][:16]}")
     return 0
-  except SystemExit as e:
-    if isinstance(e.code, str):
-      print(e.code, file=sys.stderr)
-      return 2
-    raise
-  except OSError as e:
-    print(f"error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
-    return 2
+  if not args.input:
+    raise ConfigError("--input is required (a file, glob, 'demo' or tfds:NAME)")
+  if args.register_tfds:
+    if not args.tfds_data_dir:
+      raise ConfigError("--tfds-data-dir is required to register a tfds dataset")
+    from amos_jax.data import tfds_builder
+    name = tfds_builder.register_text_corpus(
+        args.register_tfds, corpus.expand_inputs(args.input),
+        data_dir=args.tfds_data_dir, doc_sep=args.doc_sep, text_field=args.text_field)
+    print(f"ok: registered tfds dataset {name} under {args.tfds_data_dir}")
+    return 0
+  if not args.out:
+    raise ConfigError("--out is required (a new or empty folder)")
+  m = prepare(args.input, args.out, tokenizer=args.tokenizer,
+              train_tokenizer=args.train_tokenizer, vocab_size=args.vocab_size,
+              model_type=args.model_type, seq_len=args.seq_len,
+              num_shards=args.num_shards, workers=args.workers, doc_sep=args.doc_sep,
+              text_field=args.text_field, tfds_data_dir=args.tfds_data_dir,
+              limit=args.limit, strict_utf8=args.strict_utf8,
+              overwrite=args.overwrite, progress=not args.quiet)
+  print(f"ok: {m['num_documents']} documents, {m['num_tokens']} tokens -> {args.out}")
+  return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from amos_jax.cli import prepare_main
+  prepare_main()

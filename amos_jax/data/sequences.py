@@ -7,33 +7,43 @@ have seen. Large corpora go through `amos-prepare` and `data/pipeline.py` instea
 """
 from __future__ import annotations
 
-import glob
 import os
 
 import numpy as np
 
 from amos_jax.data import corpus as corpus_lib
 from amos_jax.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
+from amos_jax.errors import DataError
 
 
 def load_documents(spec: str) -> list[str]:
   """'demo' (the embedded corpus) or text files/globs (comma separated), one
-  document per line."""
+  document per line.
+
+  Lines that are not UTF-8 are counted and logged (bad bytes become U+FFFD); a file
+  that is mostly not UTF-8 text (binary, compressed, UTF-16) raises DataError.
+  """
   if spec == "demo":
     return corpus_lib.demo_documents()
-  paths = []
-  for part in spec.split(","):
-    matched = sorted(glob.glob(os.path.expanduser(part.strip())))
-    if not matched:
-      raise SystemExit(f"error: data.corpus: no file matches {part.strip()!r}; give a "
-                       "text file (one document per line), a glob, or 'demo'")
-    paths.extend(matched)
+  parts = [p.strip() for p in spec.split(",") if p.strip()]
+  if not parts:
+    raise DataError(f"data.corpus={spec!r} names no file; give a text file (one "
+                    "document per line), a glob, or 'demo'")
+  paths = corpus_lib.expand_inputs(
+      parts, what="data.corpus", specs=False,
+      hint="give a text file (one document per line), a glob, or 'demo'")
+  stats = corpus_lib.SourceStats()
   docs = []
   for path in paths:
-    with open(path, encoding="utf-8", errors="replace") as f:
-      docs.extend(line.strip() for line in f if line.strip())
+    try:
+      docs.extend(corpus_lib.text_documents(path, "line", stats))
+    except OSError as e:
+      raise DataError(f"data.corpus: cannot read {e.filename or path} "
+                      f"({e.strerror or e})") from None
+  stats.log_warnings()
   if not docs:
-    raise SystemExit(f"error: data.corpus={spec!r} holds no text")
+    raise DataError(f"data.corpus={spec!r} holds no text; give a text file with one "
+                    "document per line")
   return docs
 
 
@@ -55,22 +65,35 @@ def get_tokenizer(config, workdir: str, train_docs: list[str]) -> Tokenizer:
   if os.path.exists(directory):
     return load_tokenizer(directory)
   tok = train_sentencepiece(train_docs, vocab_size=config.model.vocab_size,
-                            model_type=config.data.tokenizer_type)
+                            model_type=config.data.tokenizer_type,
+                            vocab_flag="model.vocab_size")
   tok.save(directory)
   return tok
 
 
-def make_rows(tokenizer: Tokenizer, docs: list[str], seq_len: int):
-  """Concatenated documents cut into (N, T) [CLS] ... [SEP] rows, plus word starts."""
+def make_rows(tokenizer: Tokenizer, docs: list[str], seq_len: int,
+              split: str = "train"):
+  """Concatenated documents cut into (N, T) [CLS] ... [SEP] rows, plus word starts.
+
+  split: "train" or "eval" (the held-out documents), named when they are too few.
+  """
+  if split not in ("train", "eval"):
+    raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
   body = seq_len - 2
   ids, starts = [], []
   for doc_ids, doc_starts in tokenizer.encode_batch(docs):
     ids.extend(doc_ids)
     starts.extend(doc_starts)
   n = len(ids) // body
+  if n == 0 and split == "eval":
+    raise DataError(
+        f"the held-out split (data.eval_fraction) has {len(ids)} tokens, fewer than one "
+        f"sequence of train.seq_len={seq_len}; raise data.eval_fraction, or set it to 0 "
+        "for no eval loss")
   if n == 0:
-    raise SystemExit(f"error: the corpus has {len(ids)} tokens, fewer than one sequence "
-                     f"of train.seq_len={seq_len}")
+    raise DataError(
+        f"the corpus (training split) has {len(ids)} tokens, fewer than one sequence of "
+        f"train.seq_len={seq_len}; give more text in data.corpus or lower train.seq_len")
   ids = np.asarray(ids[:n * body], np.int32).reshape(n, body)
   starts = np.asarray(starts[:n * body], np.int32).reshape(n, body)
   rows = np.concatenate([np.full((n, 1), tokenizer.cls_id, np.int32), ids,

@@ -15,7 +15,8 @@ import os
 import tensorflow_datasets as tfds
 from etils import epath
 
-from amos_jax.data import prepare
+from amos_jax.data import corpus
+from amos_jax.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -49,8 +50,8 @@ class AmosText(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self):
     cfg = self.builder_config
-    docs = prepare.iter_documents(list(cfg.files), doc_sep=cfg.doc_sep,
-                                  text_field=cfg.text_field)
+    docs = corpus.iter_documents(list(cfg.files), doc_sep=cfg.doc_sep,
+                                 text_field=cfg.text_field)
     for i, doc in enumerate(docs):
       yield i, {"text": doc}
 
@@ -59,7 +60,7 @@ def register_text_corpus(name: str, files: list[str], data_dir: str | None,
                          doc_sep: str = "line", text_field: str = "text") -> str:
   """Builds amos_text/<name> (split 'train') under data_dir; returns its tfds name."""
   if not data_dir:
-    raise SystemExit("error: --tfds-data-dir is required to register a tfds dataset")
+    raise ConfigError("--tfds-data-dir is required to register a tfds dataset")
   config = AmosTextConfig(name=name, files=tuple(os.path.abspath(f) for f in files),
                           doc_sep=doc_sep, text_field=text_field)
   builder = AmosText(config=config, data_dir=os.path.expanduser(data_dir),

@@ -26,6 +26,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from amos_jax.errors import ConfigError, DataError, one_line
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 CONFIG_FILE = "amos_tokenizer.json"
 _SP_FILE = "spm.model"
@@ -96,8 +98,8 @@ class SentencePieceTokenizer(Tokenizer):
                            SPECIAL_TOKENS):
       i = self._sp.piece_to_id(piece)
       if name != "unk_id" and i == self._sp.unk_id():
-        raise SystemExit(
-            f"error: sentencepiece model has no {piece} piece; train it with "
+        raise DataError(
+            f"sentencepiece model has no {piece} piece; train it with "
             "train_sentencepiece (which reserves [PAD] [UNK] [CLS] [SEP] [MASK])")
       ids[name] = i
     ids["unk_id"] = self._sp.unk_id()
@@ -164,24 +166,48 @@ def _training_sentences(documents: Iterable[str], max_bytes: int = 3000):
         yield " ".join(chunk)
 
 
+_TOO_SMALL = re.compile(r"smaller than required_chars\. \d+ vs (\d+)")
+_TOO_LARGE = re.compile(r"Vocabulary size too high \(\d+\)\. Please set it to a value "
+                        r"<= (\d+)")
+
+
+def _training_error(e: RuntimeError, vocab_size: int, vocab_flag: str):
+  """sentencepiece's failure -> one line with the fix (its own text is C++ detail)."""
+  text = str(e).strip()
+  if m := _TOO_SMALL.search(text):
+    return ConfigError(f"{vocab_flag}={vocab_size} is smaller than the corpus's "
+                       f"characters need; raise it to at least {m.group(1)}")
+  if m := _TOO_LARGE.search(text):
+    return ConfigError(f"{vocab_flag}={vocab_size} is too large for this corpus; lower "
+                       f"it to at most {m.group(1)} or give more text")
+  return DataError(f"sentencepiece training failed ({one_line(text)})")
+
+
 def train_sentencepiece(documents: Iterable[str], vocab_size: int = 8000,
                         model_type: str = "unigram", out_prefix: str | None = None,
                         *, character_coverage: float = 0.9995,
                         byte_fallback: bool = False, num_threads: int = 2,
-                        max_sentences: int = 200_000) -> SentencePieceTokenizer:
+                        max_sentences: int = 200_000,
+                        vocab_flag: str = "vocab_size") -> SentencePieceTokenizer:
   """Trains a sentencepiece model with [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4.
 
   Deterministic for a given input and `num_threads` (the result depends on the
   thread count, so it is fixed here rather than taken from the machine). At most
   `max_sentences` sentences are used, taken at an even stride, so large corpora
   train in seconds. Writes `{out_prefix}.model` when out_prefix is given.
+  vocab_flag: how the caller's user sets vocab_size (named in errors), e.g.
+  "--vocab-size" or "model.vocab_size".
   """
   import sentencepiece as spm
   if model_type not in ("unigram", "bpe"):
-    raise SystemExit(f"error: model_type must be 'unigram' or 'bpe', got {model_type!r}")
+    raise ConfigError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
+  if vocab_size <= len(SPECIAL_TOKENS):
+    raise ConfigError(
+        f"{vocab_flag}={vocab_size} is too small: the {len(SPECIAL_TOKENS)} special "
+        "tokens alone take that many; use a few thousand (8000 is usual)")
   sentences = list(_training_sentences(documents))
   if not sentences:
-    raise SystemExit("error: cannot train a tokenizer on an empty corpus")
+    raise DataError("cannot train a tokenizer on an empty corpus; give text")
   if len(sentences) > max_sentences:
     sentences = sentences[::-(-len(sentences) // max_sentences)]
   buf = io.BytesIO()
@@ -198,9 +224,7 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int = 8000,
         num_threads=num_threads, input_sentence_size=0, shuffle_input_sentence=False,
         max_sentence_length=1 << 14, minloglevel=2)
   except RuntimeError as e:
-    raise SystemExit(
-        f"error: sentencepiece training failed ({str(e).strip()}); for a small corpus "
-        "lower vocab_size") from None
+    raise _training_error(e, vocab_size, vocab_flag) from None
   tok = SentencePieceTokenizer(buf.getvalue())
   if out_prefix:
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
@@ -223,7 +247,7 @@ class WordPieceTokenizer(Tokenizer):
                            SPECIAL_TOKENS):
       i = self._tok.token_to_id(piece)
       if i is None:
-        raise SystemExit(f"error: {vocab_path} has no {piece} token; is it a BERT vocab.txt?")
+        raise DataError(f"{vocab_path} has no {piece} token; give a BERT vocab.txt")
       setattr(self, name, i)
 
   def encode_batch(self, texts):
@@ -268,14 +292,18 @@ def load_tokenizer(spec: str, lowercase: bool | None = None) -> Tokenizer:
     kind, spec = spec.split(":", 1)
   path = os.path.expanduser(spec)
   if not os.path.exists(path):
-    raise SystemExit(f"error: tokenizer not found: {spec} (give a directory written by "
-                     "Tokenizer.save, a sentencepiece .model, or a BERT vocab.txt)")
+    raise DataError(f"tokenizer not found: {spec} (give a directory written by "
+                    "Tokenizer.save, a sentencepiece .model, or a BERT vocab.txt)")
   if os.path.isdir(path):
     cfg_path = os.path.join(path, CONFIG_FILE)
     if os.path.exists(cfg_path):
-      with open(cfg_path) as f:
-        cfg = json.load(f)
-      kind, file = cfg["type"], os.path.join(path, cfg["file"])
+      try:
+        with open(cfg_path) as f:
+          cfg = json.load(f)
+        kind, file = cfg["type"], os.path.join(path, cfg["file"])
+      except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{cfg_path}: corrupt tokenizer config ({type(e).__name__}: "
+                        f"{one_line(e)}); save the tokenizer again") from None
       if lowercase is None and "lowercase" in cfg:
         lowercase = cfg["lowercase"]
     elif os.path.exists(os.path.join(path, _SP_FILE)):
@@ -283,8 +311,8 @@ def load_tokenizer(spec: str, lowercase: bool | None = None) -> Tokenizer:
     elif os.path.exists(os.path.join(path, _WP_FILE)):
       kind, file = "wordpiece", os.path.join(path, _WP_FILE)
     else:
-      raise SystemExit(f"error: {spec} holds no tokenizer ({CONFIG_FILE}, {_SP_FILE} "
-                       f"or {_WP_FILE})")
+      raise DataError(f"{spec} holds no tokenizer ({CONFIG_FILE}, {_SP_FILE} "
+                      f"or {_WP_FILE}); give a tokenizer folder or file")
     directory = path
   else:
     file, directory = path, os.path.dirname(path)
@@ -294,7 +322,7 @@ def load_tokenizer(spec: str, lowercase: bool | None = None) -> Tokenizer:
     try:
       return SentencePieceTokenizer.from_file(file)
     except RuntimeError as e:
-      raise SystemExit(f"error: {file} is not a sentencepiece model ({e})") from None
+      raise DataError(f"{file} is not a sentencepiece model ({one_line(e)})") from None
   if lowercase is None:
     lowercase = _hf_lowercase(directory)
   return WordPieceTokenizer(file, lowercase=lowercase)
