@@ -1,10 +1,13 @@
-"""Bad configs stop with one line naming the field, before anything compiles."""
+"""Bad configs and flags stop with one line naming the field, before anything compiles
+or touches the workdir; library code raises AmosError, only the CLI prints it."""
 import subprocess
 import sys
 
 import pytest
 
 from amos_jax import config as config_lib
+from amos_jax.cli import train_main
+from amos_jax.errors import AmosError, ConfigError
 from tests.helpers import tiny_config
 from tests.train_helpers import ROOT, TINY_FLAGS, env_for
 
@@ -21,14 +24,16 @@ def _edit(c, path, value):
     ("mesh.data", 4, 8, "does not match the 8 devices"),
     ("train.batch_size", 6, 4, "train.batch_size=6 (per micro-batch 6) does not divide "
                                "over the 4 data shards"),
+    ("train.batch_size", 0, 1, "train.batch_size=0 must be >= 1"),
     ("objective.name", "bert", 1, "objective.name='bert' is unknown"),
     ("train.grad_accum_steps", 3, 1, "not divisible by train.grad_accum_steps=3"),
     ("mesh.fsdp", -1, 1, "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1"),
+    ("objective.embedding_sharing", "some", 1, "objective.embedding_sharing='some'"),
 ])
 def test_validate_names_the_field(field, value, devices, message):
   c = tiny_config("electra")
   _edit(c, field, value)
-  with pytest.raises(config_lib.ConfigError) as e:
+  with pytest.raises(ConfigError) as e:
     config_lib.validate(c, devices)
   assert message in str(e.value)
   assert "\n" not in str(e.value)
@@ -40,6 +45,93 @@ def test_valid_config_passes():
   assert config_lib.validate(c, 8) == (2, 2, 2)
 
 
+def test_batch_shards_follow_the_rules_table():
+  """The batch splits over the mesh axes the rules table's `batch` entry names."""
+  c = tiny_config("electra")
+  c.mesh.update(data=2, fsdp=2, tensor=1)
+  c.train.batch_size = 6
+  with pytest.raises(ConfigError, match="4 data shards"):
+    config_lib.validate(c, 4)
+  c.sharding.rules = tuple((k, "data" if k == "batch" else v) for k, v in c.sharding.rules)
+  config_lib.validate(c, 4)  # 6 rows over data=2 only
+
+
+def _train_cli(capsys, *argv):
+  """amos-train in-process: (exit code, stderr lines)."""
+  with pytest.raises(SystemExit) as e:
+    train_main(list(argv))
+  err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+  return e.value.code, err
+
+
+def _bad_config_file(tmp_path, text):
+  path = tmp_path / "bad.py"
+  path.write_text(text)
+  return str(path)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("syntax", "syntax error"),
+    ("no_get_config", "defines no get_config"),
+    ("unknown_key", "did you mean --config.train.steps?"),
+    ("bad_size", "configs/amos.py:huge is not a model size"),
+    ("bad_value", "--config.train.steps='many': not a valid int"),
+    ("missing_file", "--config: no such file"),
+    ("workdir_is_file", "is a file"),
+    ("workdir_under_file", "sits under the file"),
+    ("zero_batch", "train.batch_size=0 must be >= 1"),
+])
+def test_amos_train_bad_input_is_one_error_line(tmp_path, capsys, case, expected):
+  config = f"{ROOT}/configs/electra.py:tiny"
+  workdir = str(tmp_path / "run")
+  extra = []
+  if case == "syntax":
+    config = _bad_config_file(tmp_path, "def get_config(:\n  pass\n")
+  elif case == "no_get_config":
+    config = _bad_config_file(tmp_path, "X = 1\n")
+  elif case == "unknown_key":
+    extra = ["--config.train.step=5"]
+  elif case == "bad_size":
+    config = f"{ROOT}/configs/amos.py:huge"
+  elif case == "bad_value":
+    extra = ["--config.train.steps=many"]
+  elif case == "missing_file":
+    config = f"{ROOT}/configs/nope.py:base"
+  elif case == "workdir_is_file":
+    (tmp_path / "run").write_text("mine")
+  elif case == "workdir_under_file":
+    (tmp_path / "file").write_text("mine")
+    workdir = str(tmp_path / "file" / "run")
+  elif case == "zero_batch":
+    extra = ["--config.train.batch_size=0"]
+  code, err = _train_cli(capsys, "--config", config, "--workdir", workdir, *extra)
+  assert code == 2
+  assert len(err) == 1 and err[0].startswith("error: "), err
+  assert expected in err[0], err
+  if case == "workdir_is_file":
+    assert (tmp_path / "run").read_text() == "mine"
+  else:
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_library_errors_are_catchable():
+  """From a notebook: one `except AmosError` catches what the CLI would print."""
+  with pytest.raises(AmosError):
+    config_lib.load_config_file(f"{ROOT}/configs/amos.py:huge")
+  c = config_lib.load_config_file(f"{ROOT}/configs/electra.py:tiny")
+  with pytest.raises(AmosError, match="did you mean --config.model.hidden_size"):
+    config_lib.apply_overrides(c, [("model.hiden_size", "64")])
+
+
+def test_config_is_frozen_after_loading(capsys):
+  from amos_jax.cli import parse_train_args
+  _, c = parse_train_args(["--config", f"{ROOT}/configs/electra.py:tiny",
+                           "--workdir", "x", "--config.train.steps=7"])
+  assert c.train.steps == 7
+  with pytest.raises((AttributeError, TypeError, ValueError)):
+    c.train.steps = 8
+
+
 @pytest.mark.parametrize("flag, field", [
     ("--config.model.num_heads=3", "model.num_heads"),
     ("--config.mesh.data=3", "mesh.data"),
@@ -48,18 +140,8 @@ def test_amos_train_prints_one_error_line(tmp_path, flag, field):
   r = subprocess.run([sys.executable, "-m", "amos_jax.cli", *TINY_FLAGS, flag,
                       "--workdir", str(tmp_path)], env=env_for(2), capture_output=True,
                      text=True, timeout=120, cwd=ROOT)
-  assert r.returncode == 1
+  assert r.returncode == 2
   lines = [l for l in r.stderr.splitlines() if l.strip()]
   assert "Traceback" not in r.stderr, r.stderr[-2000:]
   assert lines[-1].startswith("error: ") and field in lines[-1], r.stderr[-2000:]
   assert not (tmp_path / "checkpoints").exists()
-
-
-def test_missing_config_file_is_one_error_line(tmp_path):
-  r = subprocess.run([sys.executable, "-c", "from amos_jax.cli import train_main; "
-                      "train_main()", "--config", "configs/nope.py:base", "--workdir",
-                      str(tmp_path)], capture_output=True, text=True, timeout=120,
-                     cwd=ROOT, env=env_for())
-  assert r.returncode != 0
-  assert "Traceback" not in r.stderr
-  assert r.stderr.strip().splitlines()[-1].startswith("error: --config: no such file")

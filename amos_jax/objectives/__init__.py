@@ -1,6 +1,7 @@
 """Training objectives: one module each, defining `OBJECTIVE` (an `Objective`
 subclass, see `base.py`); `objective.name` in the config is the module's name. A new
-objective is one new module here and a config."""
+objective is one new module here and a config; a module elsewhere is named by its
+full import path (`objective.name=mypackage.my_objective`)."""
 from __future__ import annotations
 
 import importlib
@@ -19,15 +20,22 @@ def available() -> tuple[str, ...]:
 
 
 def get_objective_class(name: str) -> type[Objective]:
-  """The Objective subclass of `objective.name`."""
-  if name not in available():
+  """The Objective subclass of `objective.name` (a module here, or a dotted path)."""
+  if "." in name:
+    try:
+      module = importlib.import_module(name)
+    except ImportError as e:
+      raise ConfigError(f"objective.name={name!r}: cannot import it ({e}); give one of "
+                        f"{', '.join(available())} or an importable module") from None
+  elif name in available():
+    module = importlib.import_module(f"amos_jax.objectives.{name}")
+  else:
     raise ConfigError(f"objective.name={name!r} is unknown; choose one of "
                       f"{', '.join(available())}")
-  module = importlib.import_module(f"amos_jax.objectives.{name}")
   cls = getattr(module, "OBJECTIVE", None)
   if not (isinstance(cls, type) and issubclass(cls, Objective)):
-    raise ConfigError(f"objective {name!r}: amos_jax/objectives/{name}.py defines no "
-                      "OBJECTIVE (an Objective subclass)")
+    raise ConfigError(f"objective.name={name!r}: its module defines no OBJECTIVE (an "
+                      "Objective subclass)")
   return cls
 
 

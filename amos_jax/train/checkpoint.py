@@ -72,12 +72,14 @@ def restore_step(manager: ocp.CheckpointManager, abstract_state, step: int,
 
 
 def _shapes(tree) -> dict[str, tuple]:
-  """{'params/a/b': shape} of a state or metadata tree."""
+  """{'params/a/b': shape} of a state or metadata tree (nnx's 'value' level dropped)."""
   flat = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict))[0]
-  return {"/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                   for k in path): tuple(getattr(leaf, "shape", ()))
-          for path, leaf in flat}
+  out = {}
+  for path, leaf in flat:
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    out["/".join(n for n in names if n != "value")] = tuple(getattr(leaf, "shape", ()))
+  return out
 
 
 def check_matches(manager: ocp.CheckpointManager, step: int, abstract_state) -> None:
@@ -86,10 +88,9 @@ def check_matches(manager: ocp.CheckpointManager, step: int, abstract_state) -> 
   Reads only the checkpoint's metadata; a step whose metadata cannot be read is
   left to `restore`, which treats it as corrupt.
   """
-  metadata = manager.item_metadata(step)
-  saved = metadata["state"] if "state" in metadata else None
-  if saved is None:
-    return
+  metadata = ocp.StandardCheckpointer().metadata(
+      os.path.join(str(manager.directory), str(step), "state"))
+  saved = getattr(metadata, "item_metadata", metadata)
   saved = _shapes(getattr(saved, "tree", saved))
   wanted = _shapes(abstract_state)
   if not saved or saved == wanted:
