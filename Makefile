@@ -1,6 +1,9 @@
 # Quickstart: `make demo` trains a tiny AMOS model on the embedded corpus; `make test`
 # runs the suite. Both create .venv with the pinned dependencies on first use.
-PYTHON ?= python3.11
+# Python 3.11 or newer: PYTHON=/path/to/python3.x overrides the search below.
+PYTHON ?= $(shell for p in python3.11 python3.12 python3.13 python3; do \
+	  command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	  2>/dev/null && { command -v $$p; break; }; done)
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= runs/demo
@@ -8,6 +11,7 @@ DEMO_DIR ?= runs/demo
 .PHONY: demo test install install-test clean
 
 $(BIN)/python:
+	@test -n "$(PYTHON)" || { echo "error: no Python 3.11 or newer found (tried python3.11, python3.12, python3.13, python3); install one or run make PYTHON=/path/to/python3.11" >&2; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
