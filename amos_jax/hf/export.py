@@ -1,33 +1,36 @@
 """amos-export --workdir DIR --out OUT [--step N] --format hf|sentence-transformers
 
 Writes a run's checkpoint as folders that `transformers` (and `sentence-transformers`)
-load with `from_pretrained` and no custom code:
-  mlm      OUT: BertForMaskedLM (ElectraForMaskedLM when embedding_size != hidden_size,
-           which BERT cannot hold)
-  electra  OUT: ElectraForPreTraining (the discriminator); OUT/generator: ElectraForMaskedLM
-  amos     OUT: ElectraForPreTraining; OUT/generator_layer<l>: one ElectraForMaskedLM per
-           tapped depth l (the shared MLM head read after l blocks: a complete MLM)
-  --format sentence-transformers: the encoder (discriminator) + pooling + normalize;
+load with `from_pretrained` and no custom code. The run's objective says which
+(`objective.hf_models()`): OUT holds the first, each other one a sub-folder, e.g.
+  mlm      OUT: BertForMaskedLM (ElectraForMaskedLM when embedding_size != hidden_size)
+  electra  OUT: ElectraForPreTraining; OUT/generator: ElectraForMaskedLM
+  amos     OUT: ElectraForPreTraining; OUT/generator_layer<l>: the shared MLM head read
+           after l blocks, one complete ElectraForMaskedLM per tapped depth
+The params pass through `objective.export_params` first (GDES writes E_G + E_delta).
+  --format sentence-transformers: the top folder's encoder + pooling + normalize;
            `--size L,D` keeps the first L layers and the first D dimensions.
-Each folder gets the tokenizer (tokenizer.json) and a model-card README.md.
+Every folder gets the tokenizer (tokenizer.json) and a model-card README.md. OUT is
+written whole or not at all, outside the run, and never over a folder amos-export
+did not write (an earlier export, listed in its amos_export.json, is replaced).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
+import shutil
+import tempfile
 
 import numpy as np
 
+from amos_jax.errors import ExportError
 from amos_jax.hf import names
-from amos_jax.hf.load import RTD_HEAD_FILE
 from amos_jax.hf.tokenizer_export import save_hf_tokenizer
 
-
-class ExportError(SystemExit):
-  def __init__(self, message: str):
-    super().__init__(f"error: amos-export: {message}")
+MANIFEST = "amos_export.json"
 
 
 # ------------------------------------------------------------------ reading a run
@@ -77,22 +80,23 @@ def load_run_tokenizer(workdir: str, config):
 
 
 # ------------------------------------------------------------- transformers files
-def hf_config(arch: str, m, *, num_layers: int, hidden: int, heads: int,
-              intermediate: int, pad_id: int) -> dict:
-  """transformers config.json for one of our encoders."""
+def hf_config(arch: str, enc, *, num_layers: int, pad_id: int) -> dict:
+  """transformers config.json for one of our encoders (enc: its EncoderConfig)."""
   bert = arch.startswith("Bert")
   cfg = dict(
       architectures=[arch], model_type="bert" if bert else "electra",
-      vocab_size=int(m.vocab_size), hidden_size=hidden, num_hidden_layers=num_layers,
-      num_attention_heads=heads, intermediate_size=intermediate, hidden_act="gelu",
-      hidden_dropout_prob=float(m.hidden_dropout),
-      attention_probs_dropout_prob=float(m.attention_dropout),
-      max_position_embeddings=int(m.max_position_embeddings),
-      type_vocab_size=int(m.type_vocab_size), initializer_range=float(m.initializer_range),
-      layer_norm_eps=float(m.layer_norm_eps), pad_token_id=int(pad_id),
+      vocab_size=int(enc.vocab_size), hidden_size=int(enc.hidden_size),
+      num_hidden_layers=int(num_layers), num_attention_heads=int(enc.num_heads),
+      intermediate_size=int(enc.intermediate_size), hidden_act="gelu",
+      hidden_dropout_prob=float(enc.hidden_dropout),
+      attention_probs_dropout_prob=float(enc.attention_dropout),
+      max_position_embeddings=int(enc.max_position_embeddings),
+      type_vocab_size=int(enc.type_vocab_size),
+      initializer_range=float(enc.initializer_range),
+      layer_norm_eps=float(enc.layer_norm_eps), pad_token_id=int(pad_id),
       position_embedding_type="absolute", tie_word_embeddings=True)
   if not bert:
-    cfg["embedding_size"] = int(m.embedding_size or m.hidden_size)
+    cfg["embedding_size"] = int(enc.embed_size)
   return cfg
 
 
@@ -105,28 +109,13 @@ def write_model(out: str, tensors: dict, config: dict) -> None:
     json.dump(config, f, indent=2)
 
 
-def rooted(flat: dict, root: tuple, new: tuple = ("encoder",)) -> dict:
-  return {new + p[len(root):]: v for p, v in flat.items() if p[:len(root)] == root}
-
-
-def encoder_view(flat: dict, which: str, num_layers: int | None = None) -> dict:
-  """One encoder's params under ('encoder', ...), with the shared embedding block
-  (stored once, under the discriminator) and only the first num_layers blocks."""
-  enc = rooted(flat, (which,))
-  if which == "generator":
-    enc.update(rooted(flat, ("discriminator", "embeddings"), ("encoder", "embeddings")))
-  if num_layers is not None:
-    enc = {p: v for p, v in enc.items()
-           if not (p[1:3] == ("encoder", "layer") and p[3] >= num_layers)}
-  return enc
-
-
 def one_layer_rtd_as_two(w: np.ndarray, b: np.ndarray) -> dict:
-  """AMOS's Dense(H->1) as transformers' dense -> GELU -> dense_prediction, exactly.
+  """A one-layer RTD head Dense(H->1) as transformers' dense -> GELU ->
+  dense_prediction, exactly.
 
   gelu(z) - gelu(-z) = z Phi(z) + z (1 - Phi(z)) = z, so with rows (w, -w) in the
   first dense and (1, -1) in the second, the two-layer head computes w.x + b.
-  w: (H, 1) kernel, b: (1,). Returns {our head path: array} for the two-layer head.
+  w: (H, 1) kernel, b: (1,). Returns {view path: array} for the two-layer head.
   """
   h = w.shape[0]
   if h < 2:
@@ -135,92 +124,85 @@ def one_layer_rtd_as_two(w: np.ndarray, b: np.ndarray) -> dict:
   dense[:, 0], dense[:, 1] = w[:, 0], -w[:, 0]
   pred = np.zeros((h, 1), np.float32)
   pred[0, 0], pred[1, 0] = 1.0, -1.0
-  return {("head", "dense", "kernel"): dense, ("head", "dense", "bias"): np.zeros(h, np.float32),
-          ("head", "dense_prediction", "kernel"): pred,
-          ("head", "dense_prediction", "bias"): np.asarray(b, np.float32)}
+  head = names.VIEW_HEAD
+  return {head + ("dense", "kernel"): dense, head + ("dense", "bias"): np.zeros(h, np.float32),
+          head + ("dense_prediction", "kernel"): pred,
+          head + ("dense_prediction", "bias"): np.asarray(b, np.float32)}
 
 
-def _write_hf(out, arch, enc, head, cfg, tok, card):
-  table = names.layout(arch, ("encoder",), ("head",) if head else None)
-  write_model(out, names.to_hf({**enc, **(head or {})}, table), cfg)
+def folder_tensors(flat: dict, model) -> tuple[dict, dict | None]:
+  """({transformers name: array} of one HFModel's folder, the one-layer RTD head's
+  own tensors or None). flat: {our path: array} in export layout."""
+  if model.arch not in names.BASE_PREFIX:
+    raise ExportError(f"{model.arch} is not an architecture amos-export writes; "
+                      f"amos_jax/hf/names.py knows {', '.join(names.BASE_PREFIX)}")
+  view = names.model_view(flat, model)
+  values = {v: flat[p] for v, p in view.items()}
+  rtd = None
+  if names.one_layer_rtd(model.arch, view):
+    w = values[names.VIEW_HEAD + ("dense_prediction", "kernel")]
+    b = values[names.VIEW_HEAD + ("dense_prediction", "bias")]
+    rtd = {"dense_prediction.weight": np.ascontiguousarray(np.asarray(w).T),
+           "dense_prediction.bias": np.asarray(b)}
+    values = {v: x for v, x in values.items() if v[:1] != names.VIEW_HEAD}
+    values.update(one_layer_rtd_as_two(np.asarray(w), np.asarray(b)))
+  table = names.layout(model.arch, names.VIEW_ENCODER,
+                       names.VIEW_HEAD if model.head is not None else None)
+  tensors = {}
+  for vpath, value in values.items():
+    named = names.hf_name(vpath, table)
+    if named is None:  # a param no transformers class holds: exporting would drop it
+      ours = "/".join(map(str, view.get(vpath, vpath)))
+      raise ExportError(f"{ours} has no {model.arch} name; the objective's export_params "
+                        "must fold it into exported params")
+    name, transpose = named
+    tensors[name] = np.asarray(value).T if transpose else np.asarray(value)
+  return tensors, rtd
+
+
+def _depth(model) -> int:
+  return int(model.num_layers or model.encoder_config.num_layers)
+
+
+def write_folder(out: str, model, flat: dict, tok, card) -> str:
+  """One HFModel as a transformers folder: weights, config, tokenizer, model card."""
+  tensors, rtd = folder_tensors(flat, model)
+  cfg = hf_config(model.arch, model.encoder_config, num_layers=_depth(model),
+                  pad_id=tok.pad_id)
+  write_model(out, tensors, cfg)
+  if rtd is not None:
+    from safetensors.numpy import save_file
+    save_file(rtd, os.path.join(out, names.RTD_HEAD_FILE), metadata={"format": "pt"})
   save_hf_tokenizer(tok, out, cfg["max_position_embeddings"])
   with open(os.path.join(out, "README.md"), "w") as f:
-    f.write(card)
+    f.write(card(model.arch, model.role or model.arch, model.encoder_config, _depth(model),
+                 one_layer_rtd=rtd is not None))
+  return out
 
 
-def export_hf(config, flat, tok, out: str, card) -> list[str]:
-  """Writes the transformers folders for the run's objective; returns their paths."""
-  m, name = config.model, config.objective.name
-  e = int(m.embedding_size or m.hidden_size)
-  dims = dict(num_layers=int(m.num_layers), hidden=int(m.hidden_size),
-              heads=int(m.num_heads), intermediate=int(m.intermediate_size),
-              pad_id=tok.pad_id)
-  written = []
-  if name in ("mlm", "smae"):
-    arch = "BertForMaskedLM" if e == m.hidden_size else "ElectraForMaskedLM"
-    _write_hf(out, arch, encoder_view(flat, "encoder"), rooted(flat, ("mlm_head",), ("head",)),
-              hf_config(arch, m, **dims), tok, card(arch, "the MLM encoder and head"))
-    return [out]
-  if name not in ("electra", "amos"):
-    raise ExportError(f"objective {name!r} has no transformers head; use --format "
-                      "sentence-transformers")
-  arch = "ElectraForPreTraining"
-  head = rooted(flat, ("discriminator_head",), ("head",))
-  extra = None
-  if ("head", "dense", "kernel") not in head:
-    extra = head
-    head = one_layer_rtd_as_two(head[("head", "dense_prediction", "kernel")],
-                                head[("head", "dense_prediction", "bias")])
-  _write_hf(out, arch, encoder_view(flat, "discriminator"), head, hf_config(arch, m, **dims),
-            tok, card(arch, "the discriminator and its replaced-token-detection head"))
-  if extra is not None:
-    from safetensors.numpy import save_file
-    save_file({"dense_prediction.weight": np.ascontiguousarray(
-                   extra[("head", "dense_prediction", "kernel")].T),
-               "dense_prediction.bias": extra[("head", "dense_prediction", "bias")]},
-              os.path.join(out, RTD_HEAD_FILE), metadata={"format": "pt"})
-  written.append(out)
-
-  from amos_jax.objectives.electra import generator_config
-  g = generator_config(config)
-  gdims = dict(dims, hidden=g.hidden_size, heads=g.num_heads,
-               intermediate=g.intermediate_size)
-  gm = dict(m.to_dict() if hasattr(m, "to_dict") else dict(m), embedding_size=e)
-  import ml_collections
-  gm = ml_collections.ConfigDict(gm)
-  depths = ([(os.path.join(out, "generator"), g.num_layers)] if name == "electra" else
-            [(os.path.join(out, f"generator_layer{l}"), int(l))
-             for l in sorted(config.objective.generator.tap_layers)])
-  gen_head = rooted(flat, ("generator_head",), ("head",))
-  for path, depth in depths:
-    _write_hf(path, "ElectraForMaskedLM", encoder_view(flat, "generator", depth), gen_head,
-              hf_config("ElectraForMaskedLM", gm, **dict(gdims, num_layers=depth)), tok,
-              card("ElectraForMaskedLM", f"the generator read after {depth} blocks"))
-    written.append(path)
-  return written
+def export_hf(models: list, flat: dict, tok, out: str, card) -> list[str]:
+  """Writes every HFModel's folder under `out`; returns their paths."""
+  return [write_folder(os.path.join(out, m.subdir) if m.subdir else out, m, flat, tok, card)
+          for m in models]
 
 
 # ----------------------------------------------------------- sentence-transformers
-def export_sentence_transformers(config, flat, tok, out: str, card, *,
-                                 size: tuple[int, int] | None = None,
+def export_sentence_transformers(model, flat: dict, tok, out: str, card, *,
+                                 seq_len: int, size: tuple[int, int] | None = None,
                                  pooling: str = "mean", normalize: bool = True) -> str:
-  """encoder (+ first L layers) -> Pooling -> [Dense keeping the first D dims] ->
-  [Normalize]; cosine similarity."""
-  m = config.model
-  which = "encoder" if config.objective.name in ("mlm", "smae") or (
-      "encoder", "embeddings", "word_embeddings", "embedding") in flat else "discriminator"
-  h = int(m.hidden_size)
-  layers, dim = (int(m.num_layers), h) if size is None else size
-  if not (1 <= layers <= m.num_layers and 1 <= dim <= h):
-    raise ExportError(f"--size {layers},{dim} is outside the model ({m.num_layers} layers, "
+  """model's encoder (first L layers) -> Pooling -> [Dense keeping the first D dims]
+  -> [Normalize]; cosine similarity. model: the top HFModel."""
+  enc = model.encoder_config
+  h, depth = int(enc.hidden_size), int(enc.num_layers)
+  layers, dim = (depth, h) if size is None else size
+  if not (1 <= layers <= depth and 1 <= dim <= h):
+    raise ExportError(f"--size {layers},{dim} is outside the model ({depth} layers, "
                       f"width {h})")
-  e = int(m.embedding_size or m.hidden_size)
-  arch = "BertModel" if e == h else "ElectraModel"
-  cfg = hf_config(arch, m, num_layers=layers, hidden=h, heads=int(m.num_heads),
-                  intermediate=int(m.intermediate_size), pad_id=tok.pad_id)
-  _write_hf(out, arch, encoder_view(flat, which, layers), None, cfg, tok,
-            card(arch, f"a sentence embedding model: layer {layers}, {dim} dimensions, "
-                 f"{pooling} pooling"))
+  arch = "BertModel" if enc.embed_size == h else "ElectraModel"
+  encoder = dataclasses.replace(model, subdir="", arch=arch, head=None, num_layers=layers,
+                                role=f"a sentence embedding model: layer {layers}, "
+                                f"{dim} dimensions, {pooling} pooling")
+  write_folder(out, encoder, flat, tok, card)
   modules = [dict(idx=0, name="0", path="", type="sentence_transformers.models.Transformer")]
   os.makedirs(os.path.join(out, "1_Pooling"), exist_ok=True)
   with open(os.path.join(out, "1_Pooling", "config.json"), "w") as f:
@@ -249,7 +231,7 @@ def export_sentence_transformers(config, flat, tok, out: str, card, *,
   with open(os.path.join(out, "modules.json"), "w") as f:
     json.dump(modules, f, indent=2)
   with open(os.path.join(out, "sentence_bert_config.json"), "w") as f:
-    json.dump({"max_seq_length": int(config.train.seq_len), "do_lower_case": False}, f)
+    json.dump({"max_seq_length": int(seq_len), "do_lower_case": False}, f)
   with open(os.path.join(out, "config_sentence_transformers.json"), "w") as f:
     json.dump({"similarity_fn_name": "cosine", "prompts": {}, "default_prompt_name": None},
               f, indent=2)
@@ -258,60 +240,170 @@ def export_sentence_transformers(config, flat, tok, out: str, card, *,
 
 # ------------------------------------------------------------------ model card
 def model_card(config, workdir: str, step: int):
-  """A function (architecture, what) -> README.md text for one exported folder."""
-  m, o = config.model, config.objective
+  """A function (arch, what, encoder config, layers, one_layer_rtd) -> README.md text
+  for one exported folder."""
+  o = config.objective
   last = {}
   metrics = os.path.join(workdir, "metrics.jsonl")
   if os.path.isfile(metrics):
     with open(metrics) as f:
       for line in f:
         if line.strip():
-          last.update(json.loads(line))
+          try:
+            last.update(json.loads(line))
+          except ValueError:  # a torn last line of an interrupted run
+            pass
   shown = {k: round(v, 4) for k, v in last.items()
            if isinstance(v, float) and ("loss" in k or "accuracy" in k)}
+  taps = tuple(o.get("generator", {}).get("tap_layers", ()) or ())
 
-  def card(arch: str, what: str) -> str:
+  def card(arch: str, what: str, enc, layers: int, one_layer_rtd: bool = False) -> str:
     lines = [
         f"# {o.name} encoder ({arch})", "",
         f"Exported by `amos-export`: {what}.", "",
-        f"- objective: {o.name}" + (f" (taps {tuple(o.generator.tap_layers)})"
-                                    if o.name == "amos" else ""),
-        f"- sizes: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads, "
-        f"intermediate {m.intermediate_size}, embedding {m.embedding_size or m.hidden_size}, "
-        f"vocabulary {m.vocab_size}",
+        f"- objective: {o.name}" + (f" (taps {taps})" if taps else ""),
+        f"- sizes: {layers} layers, hidden {enc.hidden_size}, {enc.num_heads} heads, "
+        f"intermediate {enc.intermediate_size}, embedding {enc.embed_size}, "
+        f"vocabulary {enc.vocab_size}",
         f"- training steps: {step} of {config.train.steps} (batch {config.train.batch_size}"
         f" x {config.train.seq_len} tokens)",
-        f"- data: {config.data.corpus}" + (f"; initialized from {config.init_from}"
-                                           if config.get("init_from") else ""),
+        f"- data: {config.data.get('prepared') or config.data.get('corpus')}"
+        + (f"; initialized from {config.init_from}" if config.get("init_from") else ""),
         f"- metrics at the last logged step: {json.dumps(shown) if shown else 'none logged'}",
     ]
-    if o.name == "amos" and arch == "ElectraForPreTraining":
-      lines += ["", "AMOS's replaced-token-detection head is one Dense(H->1). transformers' "
+    if one_layer_rtd:
+      lines += ["", "The replaced-token-detection head is one Dense(H->1). transformers' "
                 "head is dense -> GELU -> dense_prediction; it holds the one-layer head "
                 "exactly (rows (w, -w), then (1, -1): gelu(z) - gelu(-z) = z). The "
-                f"original weights are also in `{RTD_HEAD_FILE}`."]
+                f"original weights are also in `{names.RTD_HEAD_FILE}`."]
     return "\n".join(lines) + "\n"
 
   return card
 
 
+# ------------------------------------------------------------------ output folder
+def _files_under(root: str) -> list[str]:
+  return sorted(os.path.relpath(os.path.join(d, f), root)
+                for d, _, files in os.walk(root) for f in files)
+
+
+def _earlier_export(out: str) -> bool:
+  """True if every file in `out` is one an earlier amos-export listed as its own."""
+  try:
+    with open(os.path.join(out, MANIFEST)) as f:
+      listed = set(json.load(f)["files"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return False
+  return set(_files_under(out)) <= listed | {MANIFEST}
+
+
+def check_out(workdir: str, out: str) -> str:
+  """The absolute --out; refuses a folder whose writing would harm something."""
+  target, run = os.path.realpath(out), os.path.realpath(workdir)
+  if target == run or target.startswith(run.rstrip(os.sep) + os.sep):
+    raise ExportError(f"--out {out} is inside the run --workdir {workdir}; the export "
+                      "would write over the run's files (its config.json): choose a "
+                      "folder outside it")
+  if os.path.exists(target):
+    if not os.path.isdir(target):
+      raise ExportError(f"--out {out} is a file; give a new folder")
+    if os.listdir(target) and not _earlier_export(target):
+      raise ExportError(f"--out {out} is a non-empty folder that amos-export did not "
+                        "write; give a new or empty folder (an earlier export is replaced)")
+  ancestor = os.path.dirname(target)
+  while not os.path.exists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise ExportError(f"--out {out}: {ancestor} is a file, not a folder")
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    raise ExportError(f"--out {out}: {ancestor} is not writable")
+  return target
+
+
+def _normal_modes(root: str) -> None:
+  """Files as a plain open() makes them (0644 under umask 022), not safetensors' or
+  mkdtemp's private 0600 / 0700."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(root, 0o777 & ~umask)
+  for d, dirs, files in os.walk(root):
+    for name in dirs:
+      os.chmod(os.path.join(d, name), 0o777 & ~umask)
+    for name in files:
+      os.chmod(os.path.join(d, name), 0o666 & ~umask)
+
+
+def write_out(out: str, write, manifest: dict) -> None:
+  """Runs `write(folder)` on a fresh sibling folder, then puts it in place of `out`
+  (`check_out` has vetted it): a failed export leaves `out` as it was."""
+  parent = os.path.dirname(out)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.tmp-")
+  except OSError as e:
+    raise ExportError(f"--out {out}: cannot write in {parent} ({e.strerror or e})") from None
+  trash = None
+  try:
+    write(staging)
+    with open(os.path.join(staging, MANIFEST), "w") as f:
+      json.dump(dict(manifest, files=_files_under(staging) + [MANIFEST]), f, indent=2)
+    _normal_modes(staging)
+    if os.path.isdir(out) and os.listdir(out):  # an earlier export: set aside, then drop
+      trash = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.old-")
+      os.rename(out, os.path.join(trash, "old"))
+    os.replace(staging, out)
+  except OSError as e:
+    if trash is not None and not os.path.exists(out):
+      os.rename(os.path.join(trash, "old"), out)
+    raise ExportError(f"--out {out}: cannot write ({e.strerror or e})") from None
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  if trash is not None:
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 # ------------------------------------------------------------------------- CLI
 def export(workdir: str, out: str, fmt: str = "hf", step: int | None = None,
-           size: tuple[int, int] | None = None, pooling: str = "mean") -> list[str]:
+           size: tuple[int, int] | None = None, pooling: str | None = None) -> list[str]:
+  """Exports a run; returns the folders written."""
+  from amos_jax.objectives import get_objective
+  from amos_jax.objectives.base import SpecialTokens
+  if fmt not in ("hf", "sentence-transformers"):
+    raise ExportError(f"--format {fmt!r}: use hf or sentence-transformers")
+  if fmt == "hf" and (size is not None or pooling is not None):
+    flag = "--size" if size is not None else "--pooling"
+    raise ExportError(f"{flag} applies to --format sentence-transformers; --format hf "
+                      "writes the whole model")
+  target = check_out(workdir, out)
   config, flat, step = load_run(workdir, step)
-  if config.model.get("relative_attention_buckets", 0):
-    raise ExportError(
-        "this model uses a relative position bias (model.relative_attention_buckets="
-        f"{config.model.relative_attention_buckets}), which stock transformers BERT/ELECTRA "
-        "cannot express; a folder that loads would compute something else")
   tok = load_run_tokenizer(workdir, config)
-  card = model_card(config, workdir, step)
-  if fmt == "hf":
-    return export_hf(config, flat, tok, out, card)
+  objective = get_objective(config, SpecialTokens.of(tok))
+  models = objective.hf_models()
+  if not models:
+    raise ExportError(f"objective {config.objective.name!r} declares no transformers "
+                      "folders (hf_models)")
   if fmt == "sentence-transformers":
-    return [export_sentence_transformers(config, flat, tok, out, card, size=size,
-                                         pooling=pooling)]
-  raise ExportError(f"--format {fmt!r}: use hf or sentence-transformers")
+    models = models[:1]
+  for m in models:
+    if m.encoder_config.relative_attention_buckets:
+      raise ExportError(
+          "this model uses a relative position bias (model.relative_attention_buckets="
+          f"{m.encoder_config.relative_attention_buckets}), which stock transformers "
+          "BERT/ELECTRA cannot express; a folder that loads would compute something else")
+  flat = objective.export_params(flat)
+  card = model_card(config, workdir, step)
+
+  def write(folder: str) -> None:
+    if fmt == "hf":
+      export_hf(models, flat, tok, folder, card)
+    else:
+      export_sentence_transformers(models[0], flat, tok, folder, card,
+                                   seq_len=int(config.train.seq_len), size=size,
+                                   pooling=pooling or "mean")
+
+  write_out(target, write, dict(written_by="amos-export", workdir=os.path.abspath(workdir),
+                                step=step, format=fmt))
+  return [os.path.join(target, m.subdir) if m.subdir else target for m in models]
 
 
 def main(argv=None) -> None:
@@ -320,8 +412,10 @@ def main(argv=None) -> None:
   p.add_argument("--out", required=True)
   p.add_argument("--step", type=int, default=None)
   p.add_argument("--format", default="hf", choices=("hf", "sentence-transformers"))
-  p.add_argument("--size", default=None, help="L,D: layer and dimension (2D Matryoshka)")
-  p.add_argument("--pooling", default="mean", choices=("mean", "cls"))
+  p.add_argument("--size", default=None, help="L,D: layer and dimension (2D Matryoshka); "
+                 "sentence-transformers only")
+  p.add_argument("--pooling", default=None, choices=("mean", "cls"),
+                 help="sentence-transformers only (default mean)")
   a = p.parse_args(argv)
   size = None
   if a.size:
