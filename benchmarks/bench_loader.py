@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from amos_jax.data import corpus  # noqa: E402
 from amos_jax.data import pipeline as pl  # noqa: E402
-from amos_jax.data import prepare  # noqa: E402
+from amos_jax.data import prepare, records  # noqa: E402
 
 
 def prepare_demo(root, news_only=False):
@@ -70,10 +70,8 @@ def time_step(config_spec, batch_size, seq_len, data_dir, steps):
     config.model.vocab_size = 8000
     config.model.max_position_embeddings = max(config.model.max_position_embeddings,
                                                seq_len)
-    config.data.mask_id = 4
-    config.data.special_ids = (0, 1, 2, 3, 4)
   trainer_mesh = shd.build_mesh(config.mesh)
-  trainer = build_trainer(get_objective(config.objective.name), config, trainer_mesh)
+  trainer = build_trainer(get_objective(config), trainer_mesh)
   state, batch_sh, step = trainer.state, trainer.batch_sharding, trainer.train_step
   it = pl.make_iterator(pl.PipelineConfig(data_dir, seq_len=seq_len,
                                           global_batch_size=batch_size))
@@ -104,7 +102,7 @@ def main():
     print(f"{'data':<12} {'packing':<8} {'prefetch':<9} {'tokens/s':>12} {'real/s':>12} "
           f"{'batches/s':>10}")
     for name, d in datasets.items():
-      m = prepare.load_manifest(d)
+      m = records.load_manifest(d)
       for packing in (True, False):
         for prefetch in (0, 2):
           tok, real, bps = time_loader(d, args.seconds, seq_len=512, packing=packing,

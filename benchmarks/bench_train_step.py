@@ -13,6 +13,8 @@ import json
 import time
 
 import jax
+
+from amos_jax.train.distributed import skip_absent_tpu
 import numpy as np
 
 
@@ -25,6 +27,7 @@ def main(argv=None):
   p.add_argument("--set", action="append", default=[],
                  help="config overrides KEY=VALUE (python literal)")
   args = p.parse_args(argv)
+  skip_absent_tpu()
 
   import ast
   from amos_jax import config as config_lib
@@ -46,7 +49,7 @@ def main(argv=None):
     node[leaf] = ast.literal_eval(value)
   config_lib.validate(config, jax.device_count())
   mesh = shd.build_mesh(config.mesh)
-  trainer = build_trainer(get_objective(config.objective.name), config, mesh)
+  trainer = build_trainer(get_objective(config), mesh)
   state, batch_sh, step = trainer.state, trainer.batch_sharding, trainer.train_step
   rng = np.random.default_rng(0)
   b, t = args.batch_size, args.seq_len

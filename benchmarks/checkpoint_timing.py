@@ -10,6 +10,8 @@ import time
 
 import jax
 
+from amos_jax.train.distributed import skip_absent_tpu
+
 from amos_jax.config import load_config_file
 from amos_jax.objectives import get_objective
 from amos_jax.train import checkpoint as ckpt
@@ -23,11 +25,12 @@ def main():
   p.add_argument("--dir", default="/tmp/amos_ckpt_timing")
   p.add_argument("--repeats", type=int, default=2)
   args = p.parse_args()
+  skip_absent_tpu()
   config = load_config_file(args.config)
-  objective = get_objective(config.objective.name)
+  objective = get_objective(config)
   mesh = shd.build_mesh(config.mesh)
   tx = make_optimizer(config.train)
-  _, state, state_sh = create_train_state(objective, config, mesh, tx)
+  _, state, state_sh = create_train_state(objective, mesh, tx)
   jax.block_until_ready(state)
   size = sum(x.nbytes for x in jax.tree.leaves(state))
   shutil.rmtree(args.dir, ignore_errors=True)
