@@ -145,3 +145,32 @@ def test_amos_train_prints_one_error_line(tmp_path, flag, field):
   assert "Traceback" not in r.stderr, r.stderr[-2000:]
   assert lines[-1].startswith("error: ") and field in lines[-1], r.stderr[-2000:]
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_no_tpu_runtime_banner_on_a_machine_without_tpus(tmp_path):
+  """With libtpu installed (test extra) and no TPU, a CPU run must not start the TPU
+  runtime: its start-up banner would be the user's first sight of every run."""
+  (tmp_path / "run").write_text("mine")
+  env = env_for()
+  env.pop("JAX_PLATFORMS")
+  r = subprocess.run([sys.executable, "-m", "amos_jax.cli", *TINY_FLAGS, "--workdir",
+                      str(tmp_path / "run")], env=env, capture_output=True, text=True,
+                     timeout=120, cwd=ROOT)
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines() == [
+      f"error: --workdir {tmp_path / 'run'} is a file; give a folder (new or an earlier "
+      "run's)"], r.stderr[-3000:]
+
+
+def test_warmup_fraction_and_the_long_warmup_warning(caplog):
+  from amos_jax.train.loop import _warn_about_schedule
+  from amos_jax.train.state import learning_rate_schedule
+  c = tiny_config("electra")
+  c.train.update(steps=100, warmup_steps=1000, learning_rate=1e-3)
+  with caplog.at_level("WARNING", logger="amos_jax"):
+    _warn_about_schedule(c.train, True)
+  assert "train.warmup_fraction" in caplog.text
+  c.train.warmup_fraction = 0.1
+  schedule = learning_rate_schedule(c.train)
+  assert abs(float(schedule(5)) - 5e-4) < 1e-9 and abs(float(schedule(10)) - 1e-3) < 1e-9
+  assert config_lib.warmup_steps(c.train) == 10
