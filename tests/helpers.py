@@ -15,7 +15,9 @@ def tiny_config(objective: str = "electra", **model):
   c.model.update(model)
   c.objective.name = objective
   if objective == "amos":
-    c.objective.update(rtd_head_layers=1, sampling_temperature=0.3, mixture=True)
+    # As configs/amos.py: only the token matrix is shared with the generator.
+    c.objective.update(rtd_head_layers=1, sampling_temperature=0.3, mixture=True,
+                       embedding_sharing="tokens")
     c.objective.generator.update(width_fraction=1.0, tap_layers=(1, 2), dropout=False)
   c.train.update(batch_size=8, seq_len=32, steps=4, warmup_steps=1, log_every=1,
                  eval_every=0)

@@ -5,27 +5,29 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from amos_jax.objectives import amos, electra, get_objective
+from amos_jax.objectives import get_objective
 from amos_jax.objectives.electra import replaced_token_labels
 from tests.helpers import random_batch, tiny_config
 
 
-def _loss_and_grads(objective, config, params, graphdef, batch, rng, key=None):
+def _loss_and_grads(objective, params, graphdef, batch, rng, key=None):
   def f(p, batch, rng):
-    loss, metrics = objective.compute_loss(nnx.merge(graphdef, p), batch, rng, config)
+    loss, metrics = objective.loss(nnx.merge(graphdef, p), batch,
+                                   objective.loss_counts(batch), rng, True)
     return (metrics[key] if key else loss), metrics
   (value, metrics), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(
       params, batch, rng)
   return value, metrics, grads
 
 
-def _loss(objective, config, params, graphdef, batch, rng, train=True):
-  f = lambda p, b, r: objective.compute_loss(nnx.merge(graphdef, p), b, r, config, train)
+def _loss(objective, params, graphdef, batch, rng, train=True):
+  f = lambda p, b, r: objective.loss(nnx.merge(graphdef, p), b, objective.loss_counts(b),
+                                     r, train)
   return jax.jit(f)(params, batch, rng)
 
 
-def _split(objective, config, seed=0):
-  return nnx.split(objective.build_model(config, nnx.Rngs(seed)), nnx.Param)
+def _split(objective, seed=0):
+  return nnx.split(objective.build_model(nnx.Rngs(seed)), nnx.Param)
 
 
 def _flat(state):
@@ -40,14 +42,17 @@ def test_amos_with_one_tap_and_no_mixture_equals_electra():
   a_cfg = tiny_config("amos", hidden_dropout=0.1, attention_dropout=0.1)
   a_cfg.objective.update(mixture=False, sampling_temperature=0.3)
   a_cfg.objective.generator.update(tap_layers=(depth,), dropout=True)
+  # The same embedding sharing on both sides (AMOS's default, 'tokens').
+  e_cfg.objective.embedding_sharing = a_cfg.objective.embedding_sharing
+  electra, amos = get_objective(e_cfg), get_objective(a_cfg)
 
-  e_graph, params = _split(electra, e_cfg)
-  a_graph, a_params = _split(amos, a_cfg, seed=1)
+  e_graph, params = _split(electra)
+  a_graph, a_params = _split(amos, seed=1)
   assert set(_flat(params)) == set(_flat(a_params)), "parameter trees differ"
   batch = random_batch(jax.random.key(0), 8, 32, 64, pad_tail=5)
   rng = jax.random.key(42)
-  e_loss, e_m, e_g = _loss_and_grads(electra, e_cfg, params, e_graph, batch, rng)
-  a_loss, a_m, a_g = _loss_and_grads(amos, a_cfg, params, a_graph, batch, rng)
+  e_loss, e_m, e_g = _loss_and_grads(electra, params, e_graph, batch, rng)
+  a_loss, a_m, a_g = _loss_and_grads(amos, params, a_graph, batch, rng)
   assert float(e_m["replaced_fraction"]) > 0.3
   np.testing.assert_allclose(a_loss, e_loss, rtol=1e-6)
   for k in ("mlm_loss", "rtd_loss", "rtd_accuracy"):
@@ -68,14 +73,15 @@ def test_mixture_gradient_points_uphill_on_rtd():
   cfg = tiny_config("amos", initializer_range=0.5)
   cfg.objective.generator.tap_layers = (1, 2)
   cfg.objective.hard_sample = False
-  graphdef, params = _split(amos, cfg)
+  amos = get_objective(cfg)
+  graphdef, params = _split(amos)
   batch = random_batch(jax.random.key(0), 16, 64, 64)
   keys = [jax.random.key(7)]
 
   def rtd_and_grad(p):
     losses, grads = [], []
     for key in keys:
-      _, m, g = _loss_and_grads(amos, cfg, p, graphdef, batch, key)
+      _, m, g = _loss_and_grads(amos, p, graphdef, batch, key)
       losses.append(float(m["rtd_loss"]))
       grads.append(g["mixture"]["kernel"][...])
     return np.mean(losses), sum(grads) / len(grads)
@@ -98,11 +104,13 @@ def test_hard_sample_mixture_gradient_is_reversed():
   gradient it would get without the reversal (the cooperative ablation)."""
   cfg = tiny_config("amos")
   cfg.objective.generator.tap_layers = (1, 2)
-  graphdef, params = _split(amos, cfg)
+  graphdef, params = _split(get_objective(cfg))
   batch = random_batch(jax.random.key(0), 8, 32, 64)
-  _, _, g_adv = _loss_and_grads(amos, cfg, params, graphdef, batch, jax.random.key(1))
+  _, _, g_adv = _loss_and_grads(get_objective(cfg), params, graphdef, batch,
+                                jax.random.key(1))
   cfg.objective.adversarial = False
-  _, _, g_coop = _loss_and_grads(amos, cfg, params, graphdef, batch, jax.random.key(1))
+  _, _, g_coop = _loss_and_grads(get_objective(cfg), params, graphdef, batch,
+                                 jax.random.key(1))
   a, c = g_adv["mixture"]["kernel"][...], g_coop["mixture"]["kernel"][...]
   assert float(jnp.abs(a).max()) > 0
   np.testing.assert_allclose(a, -c, rtol=1e-5, atol=1e-9)
@@ -115,12 +123,13 @@ def test_hard_sample_mixture_gradient_is_reversed():
 def test_segment_isolation_between_taps():
   cfg = tiny_config("amos")
   cfg.objective.generator.tap_layers = (4, 6, 8)
-  graphdef, params = _split(amos, cfg)
+  amos = get_objective(cfg)
+  graphdef, params = _split(amos)
   batch = random_batch(jax.random.key(0), 4, 32, 64)
   rng = jax.random.key(3)
 
   def block_grad_norms(key):
-    _, _, g = _loss_and_grads(amos, cfg, params, graphdef, batch, rng, key=key)
+    _, _, g = _loss_and_grads(amos, params, graphdef, batch, rng, key=key)
     layers = g["generator"]["encoder"]["layer"]
     return [sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(layers[i]))
             for i in range(8)]
@@ -135,9 +144,10 @@ def test_segment_isolation_between_taps():
 
 def test_electra_rtd_gives_no_gradient_to_generator_only_params():
   cfg = tiny_config("electra")
-  graphdef, params = _split(electra, cfg)
+  electra = get_objective(cfg)
+  graphdef, params = _split(electra)
   batch = random_batch(jax.random.key(0), 8, 32, 64)
-  _, _, g = _loss_and_grads(electra, cfg, params, graphdef, batch, jax.random.key(1),
+  _, _, g = _loss_and_grads(electra, params, graphdef, batch, jax.random.key(1),
                             key="rtd_loss")
   for part in ("generator", "generator_head"):
     total = sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(g[part]))
@@ -161,9 +171,10 @@ def test_a_sample_equal_to_the_original_is_labelled_original():
 def test_electra_labels_match_the_discriminator_input():
   # A 8-token vocabulary makes lucky samples frequent.
   cfg = tiny_config("electra", vocab_size=8)
-  graphdef, params = _split(electra, cfg)
+  electra = get_objective(cfg)
+  graphdef, params = _split(electra)
   batch = random_batch(jax.random.key(0), 8, 32, 8)
-  _, m = _loss(electra, cfg, params, graphdef, batch, jax.random.key(2))
+  _, m = _loss(electra, params, graphdef, batch, jax.random.key(2))
   # Some masked tokens were resampled to themselves: fewer replaced than masked.
   assert 0.0 < float(m["replaced_fraction"]) < 0.9
 
@@ -172,12 +183,12 @@ def test_electra_labels_match_the_discriminator_input():
 def test_losses_are_finite_and_padding_invariant(name):
   """Changing what sits in padding positions changes nothing."""
   cfg = tiny_config(name)
-  objective = get_objective(name)
-  graphdef, params = _split(objective, cfg)
+  objective = get_objective(cfg)
+  graphdef, params = _split(objective)
   batch = random_batch(jax.random.key(0), 8, 32, 64, pad_tail=6)
   other = dict(batch, input_ids=jnp.where(batch["segment_ids"] == 0, 7,
                                           batch["input_ids"]))
-  l1, _ = _loss(objective, cfg, params, graphdef, batch, jax.random.key(1), train=False)
-  l2, _ = _loss(objective, cfg, params, graphdef, other, jax.random.key(1), train=False)
+  l1, _ = _loss(objective, params, graphdef, batch, jax.random.key(1), train=False)
+  l2, _ = _loss(objective, params, graphdef, other, jax.random.key(1), train=False)
   assert np.isfinite(float(l1))
   np.testing.assert_allclose(l1, l2, rtol=1e-5)

@@ -10,6 +10,7 @@ from tests.train_helpers import ROOT, env_for
 _SCRIPT = textwrap.dedent("""
     import json
     import jax
+    import optax
     from amos_jax.model.partitioning import axis_rules
     from amos_jax.objectives import get_objective
     from amos_jax.train import sharding as shd
@@ -25,20 +26,21 @@ _SCRIPT = textwrap.dedent("""
       c.mesh.update(data=shape[0], fsdp=shape[1], tensor=shape[2])
       n = shape[0] * shape[1] * shape[2]
       mesh = shd.build_mesh(c.mesh, jax.devices()[:n])
-      obj = get_objective("electra")
+      obj = get_objective(c)
       tx = make_optimizer(c.train)
-      graphdef, state, state_sh = create_train_state(obj, c, mesh, tx)
-      step = jax.jit(make_train_step(graphdef, obj, c, tx), in_shardings=(state_sh,
-                     shd.batch_sharding(mesh)), out_shardings=(state_sh, shd.replicated(mesh)))
+      graphdef, state, state_sh = create_train_state(obj, mesh, tx)
+      batch_sh = shd.batch_sharding(mesh, c.sharding.rules)
+      step = jax.jit(make_train_step(graphdef, obj, tx), in_shardings=(state_sh, batch_sh),
+                     out_shardings=(state_sh, shd.replicated(mesh)))
       losses = []
       with jax.set_mesh(mesh), axis_rules(c.sharding.rules):
         for b in batches:
-          b = jax.device_put(b, shd.batch_sharding(mesh))
+          b = jax.device_put(b, batch_sh)
           state, m = step(state, b)
           losses.append(float(m["loss"]))
       p = state.params["discriminator"]["encoder"]["layer"][0]["intermediate"]["dense"]
       k = p["kernel"][...]
-      m1 = state.opt_state[1][0].mu["discriminator"]["encoder"]["layer"][0]["intermediate"]["dense"]["kernel"][...]
+      m1 = optax.tree.get(state.opt_state, "mu")["discriminator"]["encoder"]["layer"][0]["intermediate"]["dense"]["kernel"][...]
       out[str(shape)] = dict(losses=losses, spec=str(k.sharding.spec),
                              shard=list(k.addressable_shards[0].data.shape),
                              mu_spec=str(m1.sharding.spec))

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from amos_jax.errors import TrainingError
 from amos_jax.objectives import get_objective
 from amos_jax.train import sharding as shd
 from amos_jax.train.loop import train_and_evaluate
@@ -13,11 +14,11 @@ from tests.helpers import random_batch, tiny_config
 
 
 def _run(config, batches):
-  objective = get_objective(config.objective.name)
+  objective = get_objective(config)
   tx = make_optimizer(config.train)
   mesh = shd.build_mesh(config.mesh)
-  graphdef, state, _ = create_train_state(objective, config, mesh, tx)
-  step = jax.jit(make_train_step(graphdef, objective, config, tx))
+  graphdef, state, _ = create_train_state(objective, mesh, tx)
+  step = jax.jit(make_train_step(graphdef, objective, tx))
   metrics = []
   for b in batches:
     state, m = step(state, b)
@@ -48,10 +49,10 @@ def test_four_micro_batches_equal_one_full_step():
 def test_non_finite_step_is_skipped():
   c = tiny_config("mlm", num_layers=1)
   batch = random_batch(jax.random.key(0), 8, 32, 64)
-  objective = get_objective("mlm")
+  objective = get_objective(c)
   tx = make_optimizer(c.train)
-  graphdef, state, _ = create_train_state(objective, c, shd.build_mesh(c.mesh), tx)
-  step = jax.jit(make_train_step(graphdef, objective, c, tx))
+  graphdef, state, _ = create_train_state(objective, shd.build_mesh(c.mesh), tx)
+  step = jax.jit(make_train_step(graphdef, objective, tx))
   good, m = step(state, batch)
   assert float(m["skipped"]) == 0 and int(good.nonfinite_streak) == 0
   # A NaN in one parameter makes every gradient NaN.
@@ -76,7 +77,7 @@ def test_run_stops_after_k_skipped_steps_with_a_checkpoint(tmp_path, corpus_and_
   c.train.update(steps=20, learning_rate=1e39, warmup_steps=0, max_nonfinite_steps=3,
                  log_every=1)
   c.checkpoint.update(every=100)
-  with pytest.raises(SystemExit, match="3 consecutive steps had non-finite"):
+  with pytest.raises(TrainingError, match="3 consecutive steps had non-finite"):
     train_and_evaluate(c, str(tmp_path))
   saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
   assert "3" in saved, saved
