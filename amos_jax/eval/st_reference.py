@@ -19,7 +19,8 @@ import time
 import numpy as np
 
 from amos_jax.eval import retrieval, sts
-from amos_jax.eval.cli import markdown_table, run_command
+from amos_jax.cli import run_command
+from amos_jax.eval.cli import markdown_table
 from amos_jax.eval.metrics import retrieval_scores
 from amos_jax.eval.model import embed, load_model
 
