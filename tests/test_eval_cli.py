@@ -242,3 +242,14 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, workdir, sts_file):
   assert "--dim 33" in messages["dim beyond"] and "32" in messages["dim beyond"]
   assert "checkpoint" in messages["unreadable checkpoint"]
   assert "5" in messages["missing step"]
+
+
+def test_a_corpus_matrix_on_disk_gives_the_same_scores(tmp_path, workdir):
+  from amos_jax.eval.model import load_model
+  path, _ = workdir
+  beir = retrieval.load_beir(_beir(str(tmp_path / "beir")), "test")
+  model = load_model(path)
+  sizes = [(2, 32), (1, 16)]
+  in_memory = retrieval.evaluate_sizes(model, beir, sizes, progress=False)
+  on_disk = retrieval.evaluate_sizes(model, beir, sizes, progress=False, memory_bytes=0)
+  assert in_memory == on_disk

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 
 import numpy as np
 
@@ -126,16 +127,25 @@ def rank(beir: BEIRSet, queries: np.ndarray, corpus, k: int, prepare=None
 
 
 def evaluate_sizes(model: EmbeddingModel, beir: BEIRSet, sizes, *, similarity: str = "cos",
-                   metrics=RETRIEVAL_METRICS, **embed_kw) -> dict[tuple[int, int], dict]:
+                   metrics=RETRIEVAL_METRICS, memory_bytes: int = 4 << 30,
+                   **embed_kw) -> dict[tuple[int, int], dict]:
   """{(layer, dim): mean metrics} for each size; texts are embedded once for all."""
   layers = sorted({l for l, _ in sizes})
   k = max(int(m.partition("@")[2]) for m in metrics)
   q_all = embed_layers(model, beir.query_texts, layers, desc="queries", **embed_kw)
-  c_all = embed_layers(model, beir.doc_texts, layers, desc="corpus", **embed_kw)
-  out = {}
-  for layer, dim in sizes:
-    li = layers.index(layer)
-    prepare = _prepare(dim, similarity)
-    rankings = rank(beir, prepare(q_all[li]), c_all[li], k, prepare)
-    out[(layer, dim)], _ = retrieval_scores(beir.qrels, rankings, metrics)
+  shape = (len(layers), len(beir.doc_texts), model.width)
+  with tempfile.TemporaryDirectory(prefix="amos-eval-") as tmp:
+    # A corpus matrix larger than `memory_bytes` lives on disk; the search streams it.
+    c_all = (np.lib.format.open_memmap(os.path.join(tmp, "corpus.npy"), "w+", np.float32,
+                                       shape)
+             if 4 * np.prod(shape) > memory_bytes else None)
+    c_all = embed_layers(model, beir.doc_texts, layers, desc="corpus", out=c_all,
+                         **embed_kw)
+    out = {}
+    for layer, dim in sizes:
+      li = layers.index(layer)
+      prepare = _prepare(dim, similarity)
+      rankings = rank(beir, prepare(q_all[li]), c_all[li], k, prepare)
+      out[(layer, dim)], _ = retrieval_scores(beir.qrels, rankings, metrics)
+    del c_all
   return out
