@@ -16,6 +16,12 @@ from amos_jax.errors import AmosError, ConfigError, one_line
 # maps logical names onto them, and `train/sharding.py` builds the Mesh with them.
 MESH_AXES = ("data", "fsdp", "tensor")
 
+# Choices of model.remat (True / False read as full / none), model.attention_impl
+# and train.rng_impl.
+REMAT_CHOICES = ("none", "dots_saveable", "full", "true", "false")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+RNG_IMPLS = ("threefry", "rbg", "unsafe_rbg")
+
 # Paper sizes. ELECTRA: small 256x12 (E=128), base 768x12, large 1024x24.
 MODEL_SIZES = {
     "tiny": dict(hidden_size=128, num_layers=4, num_heads=2, intermediate_size=512,
@@ -51,9 +57,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=30522, max_position_embeddings=512, type_vocab_size=2,
       hidden_dropout=0.1, attention_dropout=0.1, layer_norm_eps=1e-12,
-      initializer_range=0.02, dtype="float32", attention_impl=ml_collections.FieldReference(
-          None, field_type=str), relative_attention_buckets=0,
-      relative_attention_max_distance=128, remat=False, **MODEL_SIZES["small"]))
+      initializer_range=0.02, dtype="float32",
+      attention_impl="auto",  # auto | xla | cudnn (fused, NVIDIA GPUs)
+      relative_attention_buckets=0, relative_attention_max_distance=128,
+      scan_layers=True,       # lax.scan over layers: compile time flat in depth
+      remat="none",           # none | dots_saveable | full (what backward recomputes)
+      **MODEL_SIZES["small"]))
 
   c.objective = ml_collections.ConfigDict(dict(
       name="electra", mask_rate=0.15, mask_scheme="electra", max_predictions=0,
@@ -76,7 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
       warmup_fraction=0.0,    # > 0: warm up over this fraction of train.steps instead
       schedule="linear", end_learning_rate_fraction=0.0, weight_decay=0.01,
       clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-6, seed=0, log_every=10, eval_every=200,
-      eval_batches=4, grad_accum_steps=1, max_nonfinite_steps=10))
+      eval_batches=4, grad_accum_steps=1, max_nonfinite_steps=10,
+      rng_impl="threefry"))   # threefry | rbg | unsafe_rbg: the bit generator of
+                              # masks, samples and dropout
 
   # topology: a TPU pod ("v5p:4x4x4") and fake_devices: N fake CPU devices, both
   # only for `amos-train --compile_only`.
@@ -153,6 +164,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
     raise ConfigError(f"train.seq_len={t.seq_len} is too short; use at least 4")
   if m.dtype not in ("float32", "bfloat16", "float16"):
     raise ConfigError(f"model.dtype={m.dtype!r}: use float32, bfloat16 or float16")
+  if str(m.get("remat", "none")).lower() not in REMAT_CHOICES:
+    raise ConfigError(f"model.remat={m.remat!r}: use none, dots_saveable or full")
+  if (m.get("attention_impl") or "auto") not in ATTENTION_IMPLS:
+    raise ConfigError(f"model.attention_impl={m.attention_impl!r}: use auto, xla or cudnn")
+  if t.get("rng_impl", "threefry") not in RNG_IMPLS:
+    raise ConfigError(f"train.rng_impl={t.rng_impl!r}: use threefry, rbg or unsafe_rbg")
   if t.steps < 1:
     raise ConfigError(f"train.steps={t.steps} must be >= 1")
   if t.batch_size < 1:

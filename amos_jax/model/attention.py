@@ -1,18 +1,59 @@
 """Multi-head self-attention through `jax.nn.dot_product_attention`.
 
-The backend is chosen by config (`model.attention_impl`: None lets XLA pick, 'xla',
-or 'cudnn' for the fused GPU kernel). Attention-probability dropout has no fused
-form, so when it is active (training with `attention_dropout > 0`) the probabilities
-are computed explicitly.
+The backend is chosen by config (`model.attention_impl`): 'xla' (every backend),
+'cudnn' (cuDNN's fused kernel, NVIDIA GPUs, bfloat16/float16) or 'auto' (cuDNN where
+it applies, else XLA). Where cuDNN cannot run (another backend, float32, a head
+width it lacks) 'cudnn' falls back to XLA with one warning. The packed-document
+mask is passed on every path. Attention-probability dropout has no fused form, so
+when it is active (training with `attention_dropout > 0`) the probabilities are
+computed explicitly.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import jax
 import jax.numpy as jnp
 
 from amos_jax.model import rng as rng_lib
+
+log = logging.getLogger("amos_jax")
+
+
+def _cudnn_unavailable(dtype, head_dim: int, platform: str) -> str:
+  """Why cuDNN's fused attention cannot run here ('' when it can)."""
+  if platform != "gpu":
+    return f"the {platform} backend has no cuDNN"
+  if not any("nvidia" in d.device_kind.lower() for d in jax.devices("gpu")):
+    return "no NVIDIA GPU"
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return f"cuDNN attention needs bfloat16 or float16, not {jnp.dtype(dtype).name}"
+  if head_dim % 8 or head_dim > 256:
+    return f"cuDNN attention needs a head width that is a multiple of 8 up to 256, not {head_dim}"
+  return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+  log.warning(message)
+
+
+def resolve_implementation(implementation: str | None, dtype, head_dim: int,
+                           platform: str | None = None) -> str:
+  """'auto' | 'xla' | 'cudnn' (None: 'auto') -> the implementation that will run."""
+  implementation = implementation or "auto"
+  if implementation == "xla":
+    return "xla"
+  if implementation not in ("auto", "cudnn"):
+    raise ValueError(f"attention_impl={implementation!r}: use auto, xla or cudnn")
+  why = _cudnn_unavailable(dtype, head_dim, platform or jax.default_backend())
+  if not why:
+    return "cudnn"
+  if implementation == "cudnn":
+    _warn_once(f"model.attention_impl=cudnn: {why}; using XLA attention")
+  return "xla"
 
 
 def segment_attention_mask(segment_ids: jax.Array) -> jax.Array:
@@ -60,4 +101,5 @@ def dot_product_attention(q, k, v, mask, bias=None, *, dropout_rate=0.0,
   if bias is not None:
     bias = bias.astype(q.dtype)
   return jax.nn.dot_product_attention(
-      q, k, v, bias=bias, mask=mask, implementation=implementation)
+      q, k, v, bias=bias, mask=mask,
+      implementation=resolve_implementation(implementation, q.dtype, q.shape[-1]))

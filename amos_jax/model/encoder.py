@@ -22,6 +22,9 @@ from amos_jax.model import rng as rng_lib
 from amos_jax.model.partitioning import constrain, with_logical_axes
 
 
+REMAT_POLICIES = ("none", "dots_saveable", "full")
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
   vocab_size: int = 30522
@@ -40,7 +43,11 @@ class EncoderConfig:
   attention_impl: str | None = None  # None (XLA picks) | 'xla' | 'cudnn'
   relative_attention_buckets: int = 0  # 0: off; else T5 bias (not HF-exportable)
   relative_attention_max_distance: int = 128
-  remat: bool = False                # rematerialize each layer in the backward pass
+  # What each layer keeps for the backward pass: 'none' (everything), 'dots_saveable'
+  # (matmul outputs; the rest is recomputed) or 'full' (only the layer's input).
+  # True / False are read as 'full' / 'none'.
+  remat: str | bool = "none"
+  scan_layers: bool = True           # one traced layer under lax.scan (flat compile time)
 
   @property
   def embed_size(self) -> int:
@@ -49,6 +56,14 @@ class EncoderConfig:
   @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
+
+  @property
+  def remat_policy(self) -> str:
+    """`remat` as one of REMAT_POLICIES."""
+    if isinstance(self.remat, bool):
+      return "full" if self.remat else "none"
+    policy = str(self.remat).lower()
+    return {"true": "full", "false": "none"}.get(policy, policy)
 
   @classmethod
   def from_config(cls, cfg) -> "EncoderConfig":
@@ -209,8 +224,54 @@ class Layer(nnx.Module):
     return constrain(x, ("batch", "seq", "embed"))
 
 
-def _layer_forward(layer: Layer, x, mask, bias, dropout_rng):
-  return layer(x, mask, bias, dropout_rng)
+def _layer_fn(graphdef):
+  """One layer as a function of its parameters (what remat and scan wrap)."""
+  return lambda params, x, mask, bias, rng: nnx.merge(graphdef, params)(x, mask, bias, rng)
+
+
+def _checkpointed(fn, policy: str, *, in_scan: bool):
+  """`fn` under the remat policy (REMAT_POLICIES); 'none' leaves it as it is."""
+  if policy == "none":
+    return fn
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"remat={policy!r}: use one of {', '.join(REMAT_POLICIES)}")
+  saveable = jax.checkpoint_policies.dots_saveable if policy == "dots_saveable" else None
+  # Inside scan the loop boundary already stops XLA from merging the recomputation
+  # back into the forward pass (jax.checkpoint's documented advice).
+  return jax.checkpoint(fn, policy=saveable, prevent_cse=not in_scan)
+
+
+def run_layers(layers: Sequence[Layer], x, mask, bias, dropout_rngs, *,
+               remat: str = "none", scan: bool = True) -> list[jax.Array]:
+  """Applies `layers` in order; returns each layer's output, [(B, T, H)] * len(layers).
+
+  scan: the per-layer parameters are stacked (inside the traced function, so the
+  parameter tree and its names stay per layer) and one layer is traced and run
+  under `jax.lax.scan`: compile time does not grow with depth. Unscanned, every
+  layer is traced in turn. dropout_rngs: one key (or per-row keys) per layer, or
+  None each; both modes draw the same dropout.
+  """
+  if not layers:
+    return []
+  apply = _layer_fn(nnx.graphdef(layers[0]))
+  states = [nnx.state(layer) for layer in layers]
+  if not scan or len(layers) == 1:
+    apply = _checkpointed(apply, remat, in_scan=False)
+    outputs = []
+    for state, rng in zip(states, dropout_rngs):
+      x = apply(state, x, mask, bias, rng)
+      outputs.append(x)
+    return outputs
+
+  def body(carry, xs):
+    state, rng = xs
+    y = apply(state, carry, mask, bias, rng)
+    return y, y
+
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+  rngs = None if dropout_rngs[0] is None else jnp.stack(dropout_rngs)
+  _, ys = jax.lax.scan(_checkpointed(body, remat, in_scan=True), x, (stacked, rngs))
+  return [ys[i] for i in range(len(layers))]
 
 
 class Transformer(nnx.Module):
@@ -282,11 +343,17 @@ class Encoder(nnx.Module):
       table = self.encoder.relative_attention_bias.embedding[...]
       bias = jnp.transpose(table[buckets], (2, 0, 1))[None].astype(jnp.float32)
 
-    forward = nnx.remat(_layer_forward) if cfg.remat else _layer_forward
+    # Segments between stop-gradient boundaries run one after another (each scanned
+    # when cfg.scan_layers): a boundary's output is recorded with its gradient and
+    # enters the next segment through stop_gradient.
+    bounds = sorted({0, num_layers} | {i for i in stop_gradient_after
+                                        if 0 < i < num_layers})
     hidden_states = [x]
-    for i in range(num_layers):
-      if i in stop_gradient_after:
+    for start, end in zip(bounds[:-1], bounds[1:]):
+      if start in stop_gradient_after:
         x = jax.lax.stop_gradient(x)
-      x = forward(self.encoder.layer[i], x, mask, bias, r_layers[i])
-      hidden_states.append(x)
+      hidden_states += run_layers(
+          [self.encoder.layer[i] for i in range(start, end)], x, mask, bias,
+          r_layers[start:end], remat=cfg.remat_policy, scan=cfg.scan_layers)
+      x = hidden_states[-1]
     return hidden_states

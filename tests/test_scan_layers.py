@@ -1,0 +1,115 @@
+"""Layers under lax.scan compute what the unrolled stack computes: hidden states,
+losses and gradients (with dropout and AMOS's stop-gradient taps), under every remat
+policy, with the per-layer parameter names unchanged."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from amos_jax.model import rng as rng_lib
+from amos_jax.model.encoder import Encoder, EncoderConfig
+from amos_jax.objectives import get_objective
+from tests.helpers import random_batch, tiny_config
+
+CFG = EncoderConfig(vocab_size=50, hidden_size=32, num_layers=3, num_heads=4,
+                    intermediate_size=64, embedding_size=16, max_position_embeddings=32,
+                    hidden_dropout=0.1, attention_dropout=0.1)
+
+
+def _flat(state):
+  return {"/".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(state)}
+
+
+def _assert_trees_close(a, b, rtol=1e-4):
+  """Equal up to float32 rounding, relative to the gradient's overall scale (some
+  entries are exactly zero in theory and ~1e-13 in practice)."""
+  a, b = _flat(a), _flat(b)
+  assert set(a) == set(b)
+  scale = max(float(np.abs(v).max()) for v in a.values())
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=1e-6 * scale, err_msg=k)
+
+
+def _encoder_grads(cfg, stop_gradient_after=()):
+  """Hidden states, and the gradient of a random readout of all of them."""
+  model = Encoder(cfg, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  ids = jax.random.randint(jax.random.key(0), (2, 8), 5, 50)
+  seg = jnp.asarray([[1] * 8, [1] * 5 + [2] * 2 + [0]], jnp.int32)
+  w = jax.random.normal(jax.random.key(1), (cfg.num_layers, 2, 8, 32))
+  rng = rng_lib.per_row(jax.random.key(3), jnp.arange(2))
+
+  def readout(p):
+    hs = nnx.merge(graphdef, p)(ids, seg, dropout_rng=rng,
+                                stop_gradient_after=stop_gradient_after)
+    return sum(jnp.sum(h * w[i]) for i, h in enumerate(hs[1:])), hs
+
+  (_, hs), grads = jax.jit(jax.value_and_grad(readout, has_aux=True))(params)
+  return hs, grads, params
+
+
+def test_scanned_encoder_equals_unrolled_under_every_remat_policy():
+  """Same hidden states (dropout on, a packed row) and gradients, a tap included:
+  the unrolled stack without remat against the scanned one with each policy."""
+  hs0, g0, p0 = _encoder_grads(dataclasses.replace(CFG, scan_layers=False),
+                               stop_gradient_after=(1,))
+  for remat in ("none", "dots_saveable", "full"):
+    hs1, g1, p1 = _encoder_grads(dataclasses.replace(CFG, scan_layers=True, remat=remat),
+                                 stop_gradient_after=(1,))
+    assert set(_flat(p0)) == set(_flat(p1))
+    assert any(k.startswith("encoder/layer/2/") for k in _flat(p1))
+    assert len(hs1) == CFG.num_layers + 1
+    for a, b in zip(hs0, hs1):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    _assert_trees_close(g0, g1)
+
+
+@pytest.mark.parametrize("name", ["electra", "amos"])
+def test_scanned_objective_equals_unrolled(name):
+  """The full objective (dropout, masks, samples; AMOS taps at 1 and 3): equal loss
+  and gradients with and without the scan."""
+  results = []
+  for scan in (False, True):
+    cfg = tiny_config(name, num_layers=3, hidden_dropout=0.1, attention_dropout=0.1,
+                      scan_layers=scan)
+    if name == "amos":
+      cfg.objective.generator.update(tap_layers=(1, 3), dropout=True)
+    objective = get_objective(cfg)
+    graphdef, params = nnx.split(objective.build_model(nnx.Rngs(0)), nnx.Param)
+    batch = random_batch(jax.random.key(0), 4, 32, 64, pad_tail=5)
+    rng = rng_lib.per_row(jax.random.key(5), jnp.arange(4))
+
+    def f(p):
+      return objective.loss(nnx.merge(graphdef, p), batch, objective.loss_counts(batch),
+                            rng, True)
+
+    results.append(jax.jit(jax.value_and_grad(f, has_aux=True))(params))
+  ((l0, m0), g0), ((l1, m1), g1) = results
+  np.testing.assert_allclose(l1, l0, rtol=1e-5)
+  for k in m0:
+    np.testing.assert_allclose(m1[k], m0[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  _assert_trees_close(g0, g1)
+
+
+def test_num_layers_runs_only_the_first_layers():
+  cfg = dataclasses.replace(CFG, hidden_dropout=0.0, attention_dropout=0.0)
+  model = Encoder(cfg, rngs=nnx.Rngs(0))
+  ids = jax.random.randint(jax.random.key(0), (2, 8), 5, 50)
+  seg = jnp.ones((2, 8), jnp.int32)
+  full = model(ids, seg)
+  first_two = model(ids, seg, num_layers=2)
+  assert len(first_two) == 3
+  np.testing.assert_allclose(first_two[-1], full[2], rtol=1e-5, atol=1e-6)
+
+
+def test_attention_impl_falls_back_to_xla_where_cudnn_cannot_run():
+  from amos_jax.model.attention import resolve_implementation
+  assert resolve_implementation("auto", jnp.bfloat16, 64, platform="cpu") == "xla"
+  assert resolve_implementation("cudnn", jnp.bfloat16, 64, platform="tpu") == "xla"
+  assert resolve_implementation(None, jnp.float32, 64, platform="cpu") == "xla"
+  assert resolve_implementation("xla", jnp.bfloat16, 64, platform="gpu") == "xla"
+  with pytest.raises(ValueError, match="attention_impl"):
+    resolve_implementation("flash", jnp.bfloat16, 64, platform="cpu")
