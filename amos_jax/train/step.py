@@ -15,9 +15,19 @@ from amos_jax.train.state import (TrainState, apply_learning_rate, create_train_
                                   learning_rate_schedule, make_optimizer)
 
 
-def step_rng(seed: int, step) -> jax.Array:
-  """Masks, samples and dropout of a step are a function of (seed, step) alone."""
-  return jax.random.fold_in(jax.random.key(seed), step)
+def step_rng(seed: int, step, impl: str = "threefry") -> jax.Array:
+  """Masks, samples and dropout of a step are a function of (seed, step) alone.
+
+  impl (`train.rng_impl`): the bit generator. 'threefry' (JAX's default) is the
+  costliest on CPU; 'rbg' and 'unsafe_rbg' draw bits with XLA's RngBitGenerator
+  (as t5x does), cheaper to run and to compile. Each is a pure function of its key,
+  so resume and per-row determinism hold for all three; they draw different
+  streams, so the choice is part of a run's config.
+  """
+  return jax.random.fold_in(jax.random.key(seed, impl=_PRNG_IMPLS[impl]), step)
+
+
+_PRNG_IMPLS = {"threefry": "threefry2x32", "rbg": "rbg", "unsafe_rbg": "unsafe_rbg"}
 
 
 def split_micro_batches(batch: dict, num: int) -> dict:
@@ -53,7 +63,7 @@ def make_train_step(graphdef, objective, tx):
   """
   t = objective.config.train
   schedule = learning_rate_schedule(t)
-  seed = t.seed
+  seed, impl = t.seed, t.get("rng_impl", "threefry")
   accum = max(1, int(t.grad_accum_steps))
 
   def loss_fn(params, batch, counts, rng):
@@ -80,7 +90,7 @@ def make_train_step(graphdef, objective, tx):
 
   def train_step(state: TrainState, batch):
     learning_rate = schedule(state.step)
-    grads, metrics = gradients(state.params, batch, step_rng(seed, state.step))
+    grads, metrics = gradients(state.params, batch, step_rng(seed, state.step, impl))
     grad_norm = optax.tree.norm(grads)
     direction, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = apply_learning_rate(direction, learning_rate)
@@ -103,11 +113,12 @@ def make_train_step(graphdef, objective, tx):
 def make_eval_step(graphdef, objective):
   """`eval_step(params, batch, index) -> metrics`, deterministic (no dropout)."""
   seed = objective.config.train.seed
+  impl = objective.config.train.get("rng_impl", "threefry")
 
   def eval_step(params, batch, index):
     model = nnx.merge(graphdef, params)
     # Eval masks depend only on the eval batch index: every eval sees the same masks.
-    rng = step_rng(seed + 1, index)
+    rng = step_rng(seed + 1, index, impl)
     _, metrics = objective.loss(model, batch, objective.loss_counts(batch), rng, False)
     return metrics
 
