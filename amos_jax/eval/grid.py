@@ -80,8 +80,9 @@ def plot(path: str, panels: list[dict], metric: str) -> None:
                      aspect="auto")
     for i in range(v.shape[0]):
       for j in range(v.shape[1]):
-        # viridis is dark at the low end: white text there, black elsewhere.
-        dark = not p.get("diff") and (v[i, j] - vmin) < 0.6 * (vmax - vmin + 1e-9)
+        # White text on dark cells: viridis' low end, RdBu's two ends.
+        dark = (abs(v[i, j]) > 0.6 * lim if p.get("diff")
+                else (v[i, j] - vmin) < 0.6 * (vmax - vmin + 1e-9))
         ax.text(j, i, f"{v[i, j]:+.1f}" if p.get("diff") else f"{v[i, j]:.1f}",
                 ha="center", va="center", fontsize=8, color="white" if dark else "black")
     ax.set_xticks(range(len(p["dims"])), [str(d) for d in p["dims"]])
