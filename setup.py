@@ -59,6 +59,7 @@ setup(
             "amos-train=amos_jax.cli:train_main",
             "amos-prepare=amos_jax.cli:prepare_main",
             "amos-export=amos_jax.cli:export_main",
+            "amos-bench=amos_jax.cli:bench_main",
             "amos-eval=amos_jax.eval.cli:eval_main",
             "amos-index=amos_jax.eval.cli:index_main",
         ],

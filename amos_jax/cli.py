@@ -2,6 +2,7 @@
 
 amos-train --config configs/X.py[:ARG] --workdir DIR [--config.KEY=VALUE ...]
 amos-train --config configs/X.py[:ARG] --compile_only [--config.mesh.topology=v5p:4x4x4]
+amos-bench --config configs/X.py[:ARG] [--json PATH]   (amos_jax/train/bench.py)
 amos-prepare ...   (amos_jax/data/prepare.py)
 amos-export ...    (amos_jax/hf/export.py)
 
@@ -135,6 +136,11 @@ def train_main(argv: list[str] | None = None) -> None:
 def prepare_main(argv: list[str] | None = None) -> None:
   from amos_jax.data import prepare
   sys.exit(run_command(lambda: prepare.main(argv)))
+
+
+def bench_main(argv: list[str] | None = None) -> None:
+  from amos_jax.train import bench
+  sys.exit(run_command(lambda: bench.main(argv)))
 
 
 def export_main(argv: list[str] | None = None) -> None:

@@ -21,9 +21,11 @@ import jax
 import jax.numpy as jnp
 
 from amos_jax.errors import ConfigError
+from amos_jax.model import flops
 from amos_jax.objectives import masking
 from amos_jax.objectives.electra import (Electra, ReplacedTokenDetection,
-                                         replaced_token_labels, rtd_loss, split_step_rng)
+                                         generator_config, replaced_token_labels,
+                                         rtd_loss, split_step_rng)
 from amos_jax.objectives.sampling import (gumbel_noise, gumbel_softmax_straight_through,
                                           reverse_gradient)
 
@@ -128,6 +130,23 @@ class Amos(Electra):
     metrics.update(loss=loss, mlm_loss=mlm_loss, rtd_loss=rtd, rtd_accuracy=rtd_accuracy,
                    replaced_fraction=is_replaced.sum() / denom)
     return loss, metrics
+
+  def model_flops(self, batch_size, seq_len):
+    """The generator up to its deepest tap; the shared MLM head once per tap and the
+    mixture scores at the K gathered slots; the one-hot samples times the token
+    matrix (the discriminator's input rows); discriminator and RTD head."""
+    counts = super().model_flops(batch_size, seq_len)
+    counts.pop("total")
+    gen = generator_config(self.config)
+    taps = tap_layers(self.config)
+    slots = batch_size * self.masking.num_slots(seq_len)
+    fwd = {k: v / flops.TRAIN_FACTOR for k, v in counts.items()}
+    fwd["generator"] = flops.encoder_forward_flops(gen, batch_size, seq_len, taps[-1])
+    fwd["generator_head"] = len(taps) * flops.mlm_head_forward_flops(gen, slots)
+    fwd["mixture"] = float(len(taps) * slots * 2 * gen.hidden_size
+                           ) if self.config.objective.mixture else 0.0
+    fwd["sampled_rows"] = float(slots * 2 * gen.vocab_size * gen.embed_size)
+    return flops.train_flops(fwd)
 
   def generator_depths(self) -> list[tuple[str, int]]:
     """One complete MLM per tapped depth: the shared head read after l blocks."""

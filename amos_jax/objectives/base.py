@@ -9,6 +9,7 @@ through this class:
   build_model(rngs)                the nnx.Module holding every trained parameter
   loss_counts(batch)               whole-batch counts the loss means divide by
   loss(model, batch, counts, rng, train) -> (loss, metrics)
+  model_flops(batch_size, seq_len) training FLOPs per step (amos-bench's MFU)
   hf_models()                      the transformers folders it exports (and imports)
   export_params(flat)              training params -> the params those folders hold
 
@@ -108,6 +109,12 @@ class Objective:
            train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(scalar loss, {metric name: scalar}); rng is one key or one per row (B,)."""
     raise NotImplementedError
+
+  def model_flops(self, batch_size: int, seq_len: int) -> dict[str, float]:
+    """Training FLOPs of one step by component, with 'total' (`model/flops.py`'s
+    conventions); {} when the objective does not count them (no MFU then)."""
+    del batch_size, seq_len
+    return {}
 
   # ----------------------------------------------------------- Hugging Face
   def hf_models(self) -> list[HFModel]:

@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 
 from amos_jax.errors import ConfigError
+from amos_jax.model import flops
 from amos_jax.model import rng as rng_lib
 from amos_jax.model.encoder import Embeddings, Encoder, EncoderConfig, dense
 from amos_jax.model.heads import MLMHead, RTDHead
@@ -168,6 +169,18 @@ class Electra(MaskedObjective):
                   "rtd_loss": rtd, "rtd_accuracy": rtd_accuracy,
                   "replaced_fraction": is_replaced.sum() / jnp.maximum(
                       counts.get("num_predictions", masked.weights.sum()), 1.0)}
+
+  def model_flops(self, batch_size, seq_len):
+    """Generator and discriminator at every token; the generator's MLM head at the
+    K gathered slots per row; the RTD head at every token."""
+    disc, gen = EncoderConfig.from_config(self.config.model), generator_config(self.config)
+    k = self.masking.num_slots(seq_len)
+    return flops.train_flops({
+        "generator": flops.encoder_forward_flops(gen, batch_size, seq_len),
+        "generator_head": flops.mlm_head_forward_flops(gen, batch_size * k),
+        "discriminator": flops.encoder_forward_flops(disc, batch_size, seq_len),
+        "rtd_head": flops.rtd_head_forward_flops(
+            disc, batch_size * seq_len, self.config.objective.rtd_head_layers)})
 
   # ----------------------------------------------------------- Hugging Face
   def generator_depths(self) -> list[tuple[str, int]]:

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from amos_jax.errors import ConfigError
+from amos_jax.model import flops
 from amos_jax.model import rng as rng_lib
 from amos_jax.model.encoder import Encoder, EncoderConfig
 from amos_jax.model.heads import MLMHead
@@ -74,6 +75,14 @@ class MLM(MaskedObjective):
     loss, accuracy = masking.masked_lm_loss(logits, masked.labels, masked.weights,
                                             counts.get("num_predictions"))
     return loss, {"loss": loss, "mlm_loss": loss, "mlm_accuracy": accuracy}
+
+  def model_flops(self, batch_size, seq_len):
+    """Encoder at every token, MLM head at the K gathered slots per row."""
+    cfg = EncoderConfig.from_config(self.config.model)
+    k = self.masking.num_slots(seq_len)
+    return flops.train_flops({
+        "encoder": flops.encoder_forward_flops(cfg, batch_size, seq_len),
+        "mlm_head": flops.mlm_head_forward_flops(cfg, batch_size * k)})
 
   def hf_models(self) -> list[HFModel]:
     cfg = EncoderConfig.from_config(self.config.model)

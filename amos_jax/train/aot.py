@@ -91,22 +91,39 @@ def fake_cpu_devices(n: int) -> list[jax.Device]:
   return devices[:n]
 
 
-def compile_and_report(jitted: Any, abstract_args: Sequence[Any]) -> dict[str, Any]:
-  """Lowers and compiles a jitted function for `abstract_args`; measures it per device.
-
-  jitted: the `jax.jit` object itself (the trainer's, with its shardings and
-  donation), so what is measured is what runs. abstract_args are
-  jax.ShapeDtypeStruct pytrees. Returns bytes per device for arguments, outputs,
-  temporaries, generated code and aliases, their total (an aliased output reuses a
-  donated argument's buffer, so aliases count once), the device count and kind, the
-  chip's memory when known, and lowering/compile seconds.
-  """
+def lower_and_compile(jitted: Any, args: Sequence[Any]):
+  """(compiled, lowering seconds, compile seconds) of a jitted function for `args`
+  (arrays or jax.ShapeDtypeStruct pytrees)."""
   start = time.perf_counter()
-  lowered = jitted.lower(*abstract_args)
+  lowered = jitted.lower(*args)
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
-  compiled_at = time.perf_counter()
+  return compiled, lowered_at - start, time.perf_counter() - lowered_at
 
+
+def cost_of(compiled) -> dict[str, float]:
+  """XLA's cost analysis of a compiled program, per device: FLOPs and bytes accessed
+  (an SPMD program is analysed as one device's partition). A while loop's body
+  (e.g. the layer scan) is counted once, not once per iteration."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  cost = cost or {}
+  return {"xla_flops": float(cost.get("flops", 0.0)),
+          "xla_bytes_accessed": float(cost.get("bytes accessed", 0.0))}
+
+
+def lowered_cost(lowered) -> dict[str, float]:
+  """HLO cost analysis of a lowered (not yet optimized) program: every matmul of
+  every loop iteration counted once per iteration only when the loop is unrolled,
+  and bytes counted before fusion (an upper bound)."""
+  return cost_of(lowered)
+
+
+def analyze(compiled) -> dict[str, Any]:
+  """Bytes per device (arguments, outputs, temporaries, generated code, aliases and
+  their total, an aliased output reusing a donated argument's buffer), XLA's FLOPs
+  and bytes accessed, the device count and kind, and the chip's memory when known."""
   stats = compiled.memory_analysis()
   report: dict[str, Any] = {}
   for key, attr, _ in _FIELDS:
@@ -114,16 +131,26 @@ def compile_and_report(jitted: Any, abstract_args: Sequence[Any]) -> dict[str, A
   report["total_bytes"] = (report["argument_bytes"] + report["output_bytes"]
                            + report["temp_bytes"] + report["generated_code_bytes"]
                            - report["alias_bytes"])
+  report.update(cost_of(compiled))
   devices = _devices_of(compiled)
   kind = devices[0].device_kind if devices else "unknown"
-  report.update(
-      devices=len(devices),
-      device_kind=kind,
-      platform=devices[0].platform if devices else "unknown",
-      hbm_bytes=HBM_BYTES.get(kind),
-      lower_seconds=round(lowered_at - start, 3),
-      compile_seconds=round(compiled_at - lowered_at, 3),
-  )
+  report.update(devices=len(devices), device_kind=kind,
+                platform=devices[0].platform if devices else "unknown",
+                hbm_bytes=HBM_BYTES.get(kind))
+  return report
+
+
+def compile_and_report(jitted: Any, abstract_args: Sequence[Any]) -> dict[str, Any]:
+  """Lowers and compiles a jitted function for `abstract_args`; measures it per device.
+
+  jitted: the `jax.jit` object itself (the trainer's, with its shardings and
+  donation), so what is measured is what runs. abstract_args are
+  jax.ShapeDtypeStruct pytrees. Returns `analyze`'s report with the lowering and
+  compile seconds.
+  """
+  compiled, lower_s, compile_s = lower_and_compile(jitted, abstract_args)
+  report = analyze(compiled)
+  report.update(lower_seconds=round(lower_s, 3), compile_seconds=round(compile_s, 3))
   return report
 
 

@@ -225,13 +225,15 @@ def _warn_about_schedule(t, primary: bool) -> None:
                 t.learning_rate)
 
 
-def compile_train_step(config) -> dict:
+def compile_train_step(config, lower_only: bool = False) -> dict:
   """Lowers and compiles the train step for the configured mesh; nothing runs.
 
   Devices: the TPU pod `mesh.topology` names (e.g. "v5p:4x4x4", via libtpu's
   compile-only client), else `mesh.fake_devices` CPU devices, else this host's.
   Batches are abstract (B, T) int32 arrays, so no data is read. Returns the
-  per-device memory report of `aot.compile_and_report`.
+  per-device memory report of `aot.compile_and_report`; with lower_only, only the
+  lowered program's HLO cost analysis (FLOPs and bytes before XLA's optimizations,
+  no compile).
   """
   from amos_jax.train import aot
   if config.mesh.get("topology"):
@@ -250,9 +252,11 @@ def compile_train_step(config) -> dict:
   batch_sh = shd.batch_sharding(mesh, config.sharding.rules)
   batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32, sharding=batch_sh)
            for k in BATCH_KEYS}
+  step = jit_train_step(graphdef, objective, tx, state_sh, batch_sh, mesh)
   with jax.set_mesh(mesh), axis_rules(config.sharding.rules):
-    report = aot.compile_and_report(
-        jit_train_step(graphdef, objective, tx, state_sh, batch_sh, mesh), (abstract, batch))
+    if lower_only:
+      return aot.lowered_cost(step.lower(abstract, batch))
+    report = aot.compile_and_report(step, (abstract, batch))
   report["mesh"] = dict(mesh.shape)
   report["parameters"] = int(sum(x.size for x in jax.tree.leaves(abstract.params)))
   return report

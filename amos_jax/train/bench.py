@@ -1,0 +1,314 @@
+"""amos-bench: how close the train step runs to the hardware, and how long it compiles.
+
+  amos-bench --config configs/X.py[:ARG] [--config.KEY=VALUE ...] [--json PATH]
+  amos-bench --config configs/amos.py:base --config.mesh.topology=v5p:4x4x4 ...
+
+On this host's devices: the trainer's own jitted step (`jit_train_step`) is lowered
+and compiled (timed apart), warmed up, then timed in windows of several steps with
+one host sync at the end of each window (no sync inside); step time is the median
+over windows, with its spread. Tokens/s, the objective's analytic model FLOPs
+(`Objective.model_flops`) beside XLA's `cost_analysis`, MFU against a matmul peak
+measured in the same run (and against the datasheet peak on GPU/TPU), and memory.
+
+With `mesh.topology` the step is compiled ahead of time for that pod (nothing
+runs): memory, FLOPs and bytes per chip from the compiled program, and a roofline
+ESTIMATE of step time and MFU at the chip's datasheet figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from amos_jax.errors import ConfigError
+
+# Datasheet figures by `device_kind`: dense bf16 matmul FLOP/s, HBM bytes/s.
+DATASHEET = {
+    "TPU v4": (275e12, 1228e9),
+    "TPU v5 lite": (197e12, 819e9),     # v5e
+    "TPU v5": (459e12, 2765e9),         # v5p
+    "TPU v6 lite": (918e12, 1640e9),    # v6e
+    "NVIDIA H100 80GB HBM3": (989e12, 3350e9),
+    "NVIDIA H200": (989e12, 4800e9),
+    "NVIDIA A100-SXM4-80GB": (312e12, 2039e9),
+    "NVIDIA A100-SXM4-40GB": (312e12, 1555e9),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="amos-bench", description="Compile time, step time, tokens/s, FLOPs and MFU "
+      "of the train step.", epilog="Any config key can be set with --config.KEY=VALUE.")
+  p.add_argument("--config", help="configs/NAME.py[:ARG]")
+  p.add_argument("--json", default="", help="also write the results to this JSON file")
+  p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
+  p.add_argument("--windows", type=int, default=5, help="timed windows")
+  p.add_argument("--window_steps", type=int, default=2,
+                 help="steps per window (one host sync at the end of each)")
+  p.add_argument("--matmul_size", type=int, default=2048,
+                 help="side of the square matmul timed for the measured peak")
+  return p
+
+
+def parse_args(argv):
+  from amos_jax import config as config_lib
+  from amos_jax.cli import split_config_overrides
+  rest, overrides = split_config_overrides(argv)
+  args, unknown = _parser().parse_known_args(rest)
+  if unknown:
+    raise ConfigError(f"unknown argument {unknown[0]!r}; see amos-bench --help")
+  if not args.config:
+    raise ConfigError("amos-bench needs --config configs/X.py[:ARG]")
+  if min(args.windows, args.window_steps) < 1 or args.warmup < 0:
+    raise ConfigError("--windows and --window_steps must be >= 1, --warmup >= 0")
+  config = config_lib.load_config_file(args.config)
+  config_lib.apply_overrides(config, overrides)
+  return args, config_lib.freeze(config)
+
+
+# ------------------------------------------------------------------ measuring
+def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
+  """Random non-special tokens, one document per row: the step's own cost, no data."""
+  from amos_jax.objectives.base import BATCH_KEYS
+  b, t = config.train.batch_size, config.train.seq_len
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(5, config.model.vocab_size, (b, t), dtype=np.int32)
+  ids[:, 0], ids[:, -1] = 2, 3
+  batch = {"input_ids": ids, "segment_ids": np.ones_like(ids),
+           "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+           "token_type_ids": np.zeros_like(ids), "word_starts": np.ones_like(ids)}
+  return {k: batch[k] for k in BATCH_KEYS}
+
+
+def matmul_peak(dtype: str, size: int, repeats: int = 5) -> float:
+  """FLOP/s of a size x size x size matmul on the default backend (best window)."""
+  import jax
+  import jax.numpy as jnp
+  a = jnp.ones((size, size), dtype) * 0.5
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = f(a, a)
+    out.block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * size ** 3 / best
+
+
+def time_steps(compiled, state, batch, warmup: int, windows: int, window_steps: int):
+  """Per-step seconds of each window ((time of window_steps steps) / window_steps);
+  one sync per window; returns (times, final state)."""
+  import jax
+  for _ in range(warmup):
+    state, _ = compiled(state, batch)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(windows):
+    start = time.perf_counter()
+    for _ in range(window_steps):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready(state.step)
+    times.append((time.perf_counter() - start) / window_steps)
+  return times, state, metrics
+
+
+def xla_step_flops(config) -> dict[str, float]:
+  """XLA's HLO cost analysis of the whole step (all devices), lowered with the layers
+  unrolled: analysed compiled, a scanned step counts its layer loop body once."""
+  from amos_jax import config as config_lib
+  from amos_jax.train.loop import compile_train_step
+  unrolled = config.as_configdict()
+  unrolled.model.scan_layers = False
+  cost = compile_train_step(config_lib.freeze(unrolled), lower_only=True)
+  return {"xla_flops_per_step": cost["xla_flops"],
+          "xla_bytes_accessed_per_step_unfused": cost["xla_bytes_accessed"]}
+
+
+def run(config, args) -> dict:
+  """Compiles and times the step on this host's devices."""
+  import jax
+  from amos_jax import config as config_lib
+  from amos_jax.model.partitioning import axis_rules
+  from amos_jax.objectives import get_objective
+  from amos_jax.train import aot
+  from amos_jax.train import sharding as shd
+  from amos_jax.train.step import build_trainer
+
+  config_lib.validate(config, jax.device_count())
+  mesh = shd.build_mesh(config.mesh)
+  objective = get_objective(config)
+  trainer = build_trainer(objective, mesh)
+  batch = jax.device_put(random_batch(config), trainer.batch_sharding)
+  with jax.set_mesh(mesh), axis_rules(config.sharding.rules):
+    compiled, lower_s, compile_s = aot.lower_and_compile(
+        trainer.train_step, (trainer.state, batch))
+    times, state, metrics = time_steps(compiled, trainer.state, batch, args.warmup,
+                                       args.windows, args.window_steps)
+  report = aot.analyze(compiled)
+  report.update(lower_seconds=lower_s, compile_seconds=compile_s)
+  t = config.train
+  med = float(np.median(times))
+  device = jax.devices()[0]
+  n = jax.device_count()
+  analytic = objective.model_flops(t.batch_size, t.seq_len)
+  peak = matmul_peak(config.model.dtype, args.matmul_size)
+  out = _common(config, objective, state.params, report, analytic)
+  out.update(xla_step_flops(config))
+  out.update(
+      mode="measured", backend=device.platform, device_kind=device.device_kind, devices=n,
+      step_seconds_median=med, step_seconds_min=float(min(times)),
+      step_seconds_max=float(max(times)),
+      step_seconds_spread=float((max(times) - min(times)) / med),
+      step_times=[float(x) for x in times], timing=f"{args.windows} windows x "
+      f"{args.window_steps} steps after {args.warmup} warm-up step(s)",
+      tokens_per_second=t.batch_size * t.seq_len / med,
+      loss=float(jax.device_get(metrics["loss"])),
+      matmul_peak_flops=peak * n, matmul_peak_dtype=config.model.dtype)
+  total = analytic.get("total")
+  if total:
+    out["model_flops_per_second"] = total / med
+    out["mfu_vs_measured_matmul"] = total / med / (peak * n)
+    sheet = DATASHEET.get(device.device_kind)
+    if sheet:
+      out["mfu_vs_datasheet"] = total / med / (sheet[0] * n)
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and "peak_bytes_in_use" in stats:
+    out["peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
+  return out
+
+
+def aot_estimate(config) -> dict:
+  """Compiles for `mesh.topology` ahead of time; a roofline estimate per chip."""
+  from amos_jax.objectives import get_objective
+  from amos_jax.train.loop import compile_train_step
+  report = compile_train_step(config)
+  objective = get_objective(config)
+  t = config.train
+  analytic = objective.model_flops(t.batch_size, t.seq_len)
+  out = _common(config, objective, None, report, analytic)
+  out.update(xla_step_flops(config))
+  out["parameters"] = report["parameters"]
+  out.update(mode="ahead-of-time estimate", backend=report["platform"],
+             device_kind=report["device_kind"], devices=report["devices"],
+             mesh=report["mesh"])
+  sheet = DATASHEET.get(report["device_kind"])
+  if sheet:
+    peak, bandwidth = sheet
+    # FLOPs: the unrolled step's, per chip. Bytes: the compiled (fused) program's,
+    # which counts a scanned layer loop once: with scan_layers, a lower bound.
+    compute_s = out["xla_flops_per_step"] / report["devices"] / peak
+    memory_s = report["xla_bytes_accessed"] / bandwidth
+    step = max(compute_s, memory_s)
+    out.update(datasheet_peak_flops=peak, datasheet_hbm_bytes_per_second=bandwidth,
+               estimate_compute_seconds=compute_s, estimate_memory_seconds=memory_s,
+               estimate_step_seconds=step, estimate_bound="compute" if compute_s >= memory_s
+               else "memory",
+               estimate_tokens_per_second=t.batch_size * t.seq_len / step)
+    if analytic.get("total"):
+      out["estimate_mfu"] = analytic["total"] / report["devices"] / step / peak
+  return out
+
+
+def _common(config, objective, params, report, analytic) -> dict:
+  import jax
+  t, m = config.train, config.model
+  out = {"config": objective.name, "batch_size": t.batch_size, "seq_len": t.seq_len,
+         "dtype": m.dtype, "scan_layers": bool(m.get("scan_layers", True)),
+         "remat": str(m.get("remat", "none")), "rng_impl": t.get("rng_impl", "threefry"),
+         "attention_dropout": m.attention_dropout,
+         "lower_seconds": report["lower_seconds"],
+         "compile_seconds": report["compile_seconds"],
+         "memory_per_device_bytes": report["total_bytes"],
+         "temp_bytes_per_device": report["temp_bytes"],
+         "compiled_xla_flops_per_device": report["xla_flops"],
+         "compiled_xla_bytes_accessed_per_device": report["xla_bytes_accessed"],
+         "model_flops_per_step": analytic.get("total"),
+         "model_flops_by_part": {k: v for k, v in analytic.items() if k != "total"}}
+  if params is not None:
+    out["parameters"] = int(sum(x.size for x in jax.tree.leaves(params)))
+  if report.get("hbm_bytes"):
+    out["hbm_bytes"] = report["hbm_bytes"]
+  return out
+
+
+# -------------------------------------------------------------------- output
+def _fmt(value, unit="") -> str:
+  if value is None:
+    return "-"
+  if isinstance(value, float):
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+      if abs(value) >= scale and unit in ("FLOP", "FLOP/s", "B", "B/s"):
+        return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.4g} {unit}".rstrip()
+  return f"{value} {unit}".rstrip()
+
+
+def format_table(out: dict) -> str:
+  loop_note = " (layer loop once)" if out["scan_layers"] else ""
+  rows = [
+      ("objective", out["config"]),
+      ("mode", out["mode"]),
+      ("device", f"{out['devices']} x {out['device_kind']} ({out['backend']})"),
+      ("batch x seq", f"{out['batch_size']} x {out['seq_len']}"),
+      ("dtype / scan / remat / rng", f"{out['dtype']} / {out['scan_layers']} / "
+       f"{out['remat']} / {out['rng_impl']}"),
+      ("parameters", _fmt(float(out.get("parameters", 0)) / 1e6, "M")),
+      ("lowering", _fmt(out["lower_seconds"], "s")),
+      ("compilation", _fmt(out["compile_seconds"], "s")),
+      ("model FLOPs / step (analytic)", _fmt(out["model_flops_per_step"], "FLOP")),
+      ("XLA FLOPs / step (unrolled HLO)", _fmt(out["xla_flops_per_step"], "FLOP")),
+      ("compiled FLOPs / device" + loop_note,
+       _fmt(out["compiled_xla_flops_per_device"], "FLOP")),
+      ("compiled bytes accessed / device" + loop_note,
+       _fmt(out["compiled_xla_bytes_accessed_per_device"], "B")),
+      ("memory / device (XLA)", _fmt(float(out["memory_per_device_bytes"]), "B")),
+  ]
+  if out["mode"] == "measured":
+    rows += [
+        ("step time (median)", _fmt(out["step_seconds_median"], "s")),
+        ("step time (min .. max)", f"{out['step_seconds_min']:.4g} .. "
+         f"{out['step_seconds_max']:.4g} s ({out['timing']})"),
+        ("tokens/s", f"{out['tokens_per_second']:,.0f}"),
+        ("matmul peak (measured)", _fmt(out["matmul_peak_flops"], "FLOP/s") +
+         f" {out['matmul_peak_dtype']}"),
+        ("model FLOP/s", _fmt(out.get("model_flops_per_second"), "FLOP/s")),
+        ("MFU vs measured matmul", _pct(out.get("mfu_vs_measured_matmul"))),
+        ("MFU vs datasheet", _pct(out.get("mfu_vs_datasheet"))),
+    ]
+    if "peak_bytes_in_use" in out:
+      rows.append(("peak memory in use", _fmt(float(out["peak_bytes_in_use"]), "B")))
+  elif "estimate_step_seconds" in out:
+    rows += [
+        ("ESTIMATE step time (roofline)", _fmt(out["estimate_step_seconds"], "s") +
+         f", {out['estimate_bound']}-bound"),
+        ("ESTIMATE tokens/s", f"{out['estimate_tokens_per_second']:,.0f}"),
+        ("ESTIMATE MFU", _pct(out.get("estimate_mfu"))),
+    ]
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _pct(x) -> str:
+  return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def main(argv=None) -> int:
+  from amos_jax.cli import _quiet_logging
+  from amos_jax.train.distributed import skip_absent_tpu
+  argv = sys.argv[1:] if argv is None else argv
+  _quiet_logging()
+  args, config = parse_args(argv)
+  if config.mesh.get("topology"):
+    out = aot_estimate(config)
+  else:
+    skip_absent_tpu()
+    out = run(config, args)
+  print(format_table(out))
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(out, f, indent=1)
+  return 0

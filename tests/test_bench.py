@@ -1,0 +1,50 @@
+"""amos-bench: runs on a tiny config (table and JSON), and its analytic FLOP count
+agrees with XLA's count of the same step within a sane factor for every objective."""
+import json
+import os
+
+import pytest
+
+from amos_jax import config as config_lib
+from amos_jax.objectives import get_objective
+from amos_jax.train import bench
+from amos_jax.train.loop import compile_train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ("--config.model.num_layers=2", "--config.model.hidden_size=32",
+        "--config.model.num_heads=2", "--config.model.intermediate_size=64",
+        "--config.model.embedding_size=32", "--config.model.vocab_size=512",
+        "--config.train.batch_size=4", "--config.train.seq_len=32",
+        "--config.train.rng_impl=rbg")
+
+
+def test_amos_bench_runs_on_a_tiny_config(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  assert bench.main(["--config", f"{ROOT}/configs/electra.py:tiny", *TINY,
+                     "--windows", "2", "--window_steps", "2", "--matmul_size", "128",
+                     "--json", str(out)]) == 0
+  table = capsys.readouterr().out
+  for row in ("compilation", "step time (median)", "tokens/s", "MFU vs measured matmul"):
+    assert row in table
+  r = json.loads(out.read_text())
+  assert r["compile_seconds"] > 0 and r["lower_seconds"] > 0
+  assert len(r["step_times"]) == 2 and r["step_seconds_median"] > 0
+  assert r["tokens_per_second"] == pytest.approx(4 * 32 / r["step_seconds_median"])
+  assert 0 < r["mfu_vs_measured_matmul"] < 1.5
+  assert 0.7 < r["xla_flops_per_step"] / r["model_flops_per_step"] < 2.0
+
+
+@pytest.mark.parametrize("name", ["mlm", "amos"])
+def test_analytic_flops_match_xla_within_a_sane_factor(name):
+  """The lowered step (no compile) with the layers unrolled: XLA counts every
+  operation (element-wise ones and the optimizer too), the analytic count only the
+  matrix products, so XLA's is somewhat larger, never several times."""
+  config = config_lib.load_config_file(f"{ROOT}/configs/{name}.py:tiny")
+  config_lib.apply_overrides(config, [(a[9:].split("=")[0], a.split("=")[1]) for a in TINY])
+  config.model.scan_layers = False
+  if name == "amos":
+    config.objective.generator.tap_layers = (1, 2)
+  config = config_lib.freeze(config)
+  analytic = get_objective(config).model_flops(4, 32)
+  xla = compile_train_step(config, lower_only=True)["xla_flops"]
+  assert 0.7 < xla / analytic["total"] < 2.0, (xla, analytic)
