@@ -144,12 +144,11 @@ def run(config, args) -> dict:
   trainer = build_trainer(objective, mesh)
   batch = jax.device_put(random_batch(config), trainer.batch_sharding)
   with jax.set_mesh(mesh), axis_rules(config.sharding.rules):
-    compiled, lower_s, compile_s = aot.lower_and_compile(
-        trainer.train_step, (trainer.state, batch))
+    compiled, timings = aot.lower_and_compile(trainer.train_step, (trainer.state, batch))
     times, state, metrics = time_steps(compiled, trainer.state, batch, args.warmup,
                                        args.windows, args.window_steps)
   report = aot.analyze(compiled)
-  report.update(lower_seconds=lower_s, compile_seconds=compile_s)
+  report.update(timings)
   t = config.train
   med = float(np.median(times))
   device = jax.devices()[0]
@@ -220,8 +219,8 @@ def _common(config, objective, params, report, analytic) -> dict:
          "dtype": m.dtype, "scan_layers": bool(m.get("scan_layers", True)),
          "remat": str(m.get("remat", "none")), "rng_impl": t.get("rng_impl", "threefry"),
          "attention_dropout": m.attention_dropout,
-         "lower_seconds": report["lower_seconds"],
-         "compile_seconds": report["compile_seconds"],
+         **{k: report[k] for k in ("lower_seconds", "compile_seconds",
+                                   "lower_cpu_seconds", "compile_cpu_seconds")},
          "memory_per_device_bytes": report["total_bytes"],
          "temp_bytes_per_device": report["temp_bytes"],
          "compiled_xla_flops_per_device": report["xla_flops"],
@@ -257,8 +256,9 @@ def format_table(out: dict) -> str:
       ("dtype / scan / remat / rng", f"{out['dtype']} / {out['scan_layers']} / "
        f"{out['remat']} / {out['rng_impl']}"),
       ("parameters", _fmt(float(out.get("parameters", 0)) / 1e6, "M")),
-      ("lowering", _fmt(out["lower_seconds"], "s")),
-      ("compilation", _fmt(out["compile_seconds"], "s")),
+      ("lowering", f"{out['lower_seconds']:.2f} s ({out['lower_cpu_seconds']:.2f} s CPU)"),
+      ("compilation", f"{out['compile_seconds']:.2f} s "
+       f"({out['compile_cpu_seconds']:.2f} s CPU)"),
       ("model FLOPs / step (analytic)", _fmt(out["model_flops_per_step"], "FLOP")),
       ("XLA FLOPs / step (unrolled HLO)", _fmt(out["xla_flops_per_step"], "FLOP")),
       ("compiled FLOPs / device" + loop_note,
