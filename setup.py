@@ -20,6 +20,9 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",
     "numpy==2.4.6",
     "tensorboardX==2.6.5",
+    # gs:// workdirs and data through etils.epath's fsspec backend (no TensorFlow).
+    "etils==1.15.0",
+    "gcsfs==2026.10.1",
     "tqdm==4.70.1",
     # Ships the embedded demo corpus (a Wikipedia sample and news articles).
     "gensim==4.4.0",
@@ -43,6 +46,8 @@ EXTRAS = {
         "sentence-transformers==6.2.0",
         # Reference implementation of the retrieval metrics.
         "ranx==0.3.21",
+        # A local Cloud Storage server for the gs:// tests (tests/gcs_emulator.py).
+        "gcp-storage-emulator==2026.7.19",
     ],
 }
 
