@@ -7,10 +7,9 @@ have seen. Large corpora go through `amos-prepare` and `data/pipeline.py` instea
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
+from amos_jax import paths
 from amos_jax.data import corpus as corpus_lib
 from amos_jax.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from amos_jax.errors import DataError
@@ -61,14 +60,21 @@ def get_tokenizer(config, workdir: str, train_docs: list[str]) -> Tokenizer:
   in workdir/tokenizer so that a resumed run reuses it)."""
   if config.data.tokenizer:
     return load_tokenizer(config.data.tokenizer)
-  directory = os.path.join(workdir, "tokenizer")
-  if os.path.exists(directory):
+  directory = paths.join(workdir, "tokenizer")
+  if paths.exists(directory):
     return load_tokenizer(directory)
-  tok = train_sentencepiece(train_docs, vocab_size=config.model.vocab_size,
-                            model_type=config.data.tokenizer_type,
-                            vocab_flag="model.vocab_size")
-  tok.save(directory)
-  return tok
+  import jax
+  # Process 0 trains and saves it; the other hosts read that one, so all agree.
+  tok = None
+  if jax.process_index() == 0:
+    tok = train_sentencepiece(train_docs, vocab_size=config.model.vocab_size,
+                              model_type=config.data.tokenizer_type,
+                              vocab_flag="model.vocab_size")
+    tok.save(directory)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("amos_jax_tokenizer_saved")
+  return tok if tok is not None else load_tokenizer(directory)
 
 
 def make_rows(tokenizer: Tokenizer, docs: list[str], seq_len: int,

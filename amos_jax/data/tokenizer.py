@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from amos_jax import paths
 from amos_jax.errors import ConfigError, DataError, one_line
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -70,15 +71,11 @@ class Tokenizer:
                 fingerprint=self.fingerprint, **self.special_ids())
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+_write_atomic = paths.write_atomic
 
 
 def _write_config(directory: str, config: dict) -> None:
-  _write_atomic(os.path.join(directory, CONFIG_FILE),
+  _write_atomic(paths.join(directory, CONFIG_FILE),
                 (json.dumps(config, indent=2) + "\n").encode())
 
 
@@ -132,8 +129,8 @@ class SentencePieceTokenizer(Tokenizer):
     return self._sp.normalize(text).replace("\u2581", " ").strip()
 
   def save(self, directory):
-    os.makedirs(directory, exist_ok=True)
-    _write_atomic(os.path.join(directory, _SP_FILE), self._proto)
+    paths.makedirs(directory)
+    _write_atomic(paths.join(directory, _SP_FILE), self._proto)
     _write_config(directory, dict(type=self.kind, file=_SP_FILE))
     return directory
 
@@ -261,9 +258,9 @@ class WordPieceTokenizer(Tokenizer):
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
   def save(self, directory):
-    os.makedirs(directory, exist_ok=True)
+    paths.makedirs(directory)
     with open(self._vocab_path, "rb") as f:
-      _write_atomic(os.path.join(directory, _WP_FILE), f.read())
+      _write_atomic(paths.join(directory, _WP_FILE), f.read())
     _write_config(directory, dict(type=self.kind, file=_WP_FILE, lowercase=self.lowercase))
     return directory
 
@@ -291,9 +288,11 @@ def load_tokenizer(spec: str, lowercase: bool | None = None) -> Tokenizer:
   if spec.startswith(("sentencepiece:", "wordpiece:")):
     kind, spec = spec.split(":", 1)
   path = os.path.expanduser(spec)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise DataError(f"tokenizer not found: {spec} (give a directory written by "
                     "Tokenizer.save, a sentencepiece .model, or a BERT vocab.txt)")
+  if not paths.is_local(path):
+    path = paths.local_copy(path, cached=False)  # a small folder, read from here on
   if os.path.isdir(path):
     cfg_path = os.path.join(path, CONFIG_FILE)
     if os.path.exists(cfg_path):

@@ -18,6 +18,7 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
+from amos_jax import paths
 from amos_jax.errors import CheckpointError, one_line
 
 log = logging.getLogger("amos_jax")
@@ -30,8 +31,10 @@ def make_manager(workdir: str, config) -> ocp.CheckpointManager:
       save_interval_steps=c.every, max_to_keep=c.keep,
       keep_period=c.keep_period or None,
       enable_async_checkpointing=bool(c.async_save), create=True)
-  return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+  directory = paths.as_path(workdir) / "checkpoints"
+  if paths.is_local(directory):
+    directory = os.path.abspath(os.fspath(directory))  # Orbax wants absolute local paths
+  return ocp.CheckpointManager(directory, options=options)
 
 
 def _data_save(data_iterator):
@@ -89,7 +92,7 @@ def check_matches(manager: ocp.CheckpointManager, step: int, abstract_state) -> 
   left to `restore`, which treats it as corrupt.
   """
   metadata = ocp.StandardCheckpointer().metadata(
-      os.path.join(str(manager.directory), str(step), "state"))
+      paths.as_path(manager.directory) / str(step) / "state")
   saved = getattr(metadata, "item_metadata", metadata)
   saved = _shapes(getattr(saved, "tree", saved))
   wanted = _shapes(abstract_state)
@@ -132,15 +135,14 @@ def restore(manager: ocp.CheckpointManager, abstract_state, data_iterator=None):
 
 
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
-  root = str(manager.directory)
-  src = os.path.join(root, str(step))
+  src = paths.join(manager.directory, str(step))
   dst = f"{src}.corrupt"
-  if jax.process_index() == 0 and os.path.exists(src):
+  if jax.process_index() == 0 and paths.exists(src):
     n = 0
-    while os.path.exists(dst):
+    while paths.exists(dst):
       n += 1
       dst = f"{src}.corrupt{n}"
-    os.rename(src, dst)
+    paths.rename(src, dst)
   _sync(f"amos_jax_ckpt_aside_{step}")
   manager.reload()
   return dst

@@ -3,10 +3,11 @@ Only the primary process writes."""
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
+
+from amos_jax import paths
 
 
 class MetricsWriter:
@@ -18,10 +19,11 @@ class MetricsWriter:
     self._tb = None
     self._file = None
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      paths.makedirs(workdir)
+      # On gs:// the object is rewritten whole, at most every 10 s and on close.
+      self._file = paths.AppendFile(paths.join(workdir, "metrics.jsonl"))
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+      self._tb = SummaryWriter(paths.join(workdir, "tensorboard"),
                                purge_step=purge_step)
 
   def write(self, step: int, metrics: dict, prefix: str = "") -> dict:
@@ -43,5 +45,5 @@ class MetricsWriter:
 
 def read_metrics(workdir: str) -> list[dict]:
   """All records of `workdir/metrics.jsonl`, in order."""
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = paths.read_text(paths.join(workdir, "metrics.jsonl"))
+  return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -20,6 +20,7 @@ import os
 import tempfile
 
 from amos_jax import config as config_lib
+from amos_jax import paths
 from amos_jax.errors import CheckpointError
 
 log = logging.getLogger("amos_jax")
@@ -43,7 +44,13 @@ SAFE_KEYS = {"train.steps", "train.learning_rate", "train.warmup_steps",
 
 
 def check_writable(workdir: str) -> None:
-  """The workdir exists (or can be made) as a folder we can write in."""
+  """The workdir exists (or can be made) as a folder we can write in.
+
+  On an object store (`gs://`) there are no folders to make: the first write
+  (config.json, a checkpoint) shows whether the bucket takes writes.
+  """
+  if not paths.is_local(workdir):
+    return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise CheckpointError(f"--workdir {workdir} is a file; give a folder (new or an "
                           "earlier run's)")
@@ -64,17 +71,16 @@ def check_writable(workdir: str) -> None:
 
 def saved_config(workdir: str) -> dict | None:
   """The config.json of an earlier run, or None for a new workdir."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    present = [e for e in RUN_ENTRIES if os.path.exists(os.path.join(workdir, e))]
+  path = paths.join(workdir, CONFIG_FILE)
+  if not paths.exists(path):
+    present = [e for e in RUN_ENTRIES if paths.exists(paths.join(workdir, e))]
     if present:
       raise CheckpointError(
           f"--workdir {workdir} holds {', '.join(present)} but no {CONFIG_FILE}, so it "
           "is not an amos-train run this can resume; give a new --workdir")
     return None
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return paths.read_json(path)
   except (OSError, json.JSONDecodeError) as e:
     raise CheckpointError(f"{path} cannot be read ({e}); restore it from the run's "
                           "records or use a new --workdir") from None
@@ -125,32 +131,20 @@ def check_config(workdir: str, config, allow_change: bool = False) -> dict[str, 
 
 def write_config(workdir: str, config) -> None:
   """config.json, written whole or not at all."""
-  write_atomic(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
+  write_atomic(paths.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
 
 
-def write_atomic(path: str, text: str) -> None:
-  directory = os.path.dirname(path) or "."
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+write_atomic = paths.write_atomic
 
 
 def truncate_metrics(workdir: str, step: int) -> int:
   """Drops metrics.jsonl rows logged after `step` (the restored checkpoint): they
   are recomputed by the resumed run, and the file must read as one run. Returns the
   number of rows dropped."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  path = paths.join(workdir, METRICS_FILE)
+  if not paths.exists(path):
     return 0
-  with open(path, encoding="utf-8") as f:
-    lines = [line for line in f if line.strip()]
+  lines = [line for line in paths.read_text(path).splitlines(keepends=True) if line.strip()]
   kept = []
   for line in lines:
     try:
