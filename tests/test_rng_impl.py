@@ -22,3 +22,14 @@ def test_rows_draw_from_their_own_key(impl):
       rng_lib.per_row(step_rng(0, 7, impl), jnp.arange(6)))
   np.testing.assert_array_equal(full, again)
   assert 0.8 < float(full.mean()) < 1.0
+
+
+@pytest.mark.parametrize("impl", ["threefry", "rbg"])
+def test_dropout_keeps_at_the_configured_rate_per_row(impl):
+  rows = rng_lib.per_row(step_rng(0, 3, impl), jnp.arange(4))
+  keep, scale = jax.jit(lambda r: rng_lib.dropout_keep(r, 0.1, (4, 2, 64, 63)))(rows)
+  assert keep.shape == (4, 2, 64, 63) and scale == pytest.approx(1 / 0.9, rel=1e-4)
+  assert abs(float(keep.mean()) - 0.9) < 0.01
+  one, _ = rng_lib.dropout_keep(rows[2], 0.1, (2, 64, 63))
+  np.testing.assert_array_equal(keep[2], one)
+  assert not np.array_equal(keep[0], keep[1])

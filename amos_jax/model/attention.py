@@ -94,9 +94,8 @@ def dot_product_attention(q, k, v, mask, bias=None, *, dropout_rate=0.0,
       logits = logits + bias
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    keep = rng_lib.draw(lambda k, s: jax.random.bernoulli(k, 1.0 - dropout_rate, s),
-                        dropout_rng, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
+    keep, keep_scale = rng_lib.dropout_keep(dropout_rng, dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs * keep_scale, 0.0).astype(v.dtype)
     return jnp.einsum("bnts,bsnd->btnd", probs, v)
   if bias is not None:
     bias = bias.astype(q.dtype)

@@ -74,8 +74,8 @@ class EncoderConfig:
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   if rng is None or rate == 0.0:
     return x
-  keep = rng_lib.draw(lambda k, s: jax.random.bernoulli(k, 1.0 - rate, s), rng, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+  keep, scale = rng_lib.dropout_keep(rng, rate, x.shape)
+  return jnp.where(keep, x * scale, 0).astype(x.dtype)
 
 
 def _split(rng, n):

