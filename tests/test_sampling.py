@@ -40,3 +40,23 @@ def test_gumbel_max_sampling_follows_the_softmax():
   noise = gumbel_noise(jax.random.key(0), (20000, 3))
   counts = np.bincount(np.asarray(gumbel_max_sample(logits, noise)), minlength=3) / 20000
   np.testing.assert_allclose(counts, [0.1, 0.6, 0.3], atol=0.015)
+
+
+def test_straight_through_gradient_is_the_tempered_softmax_jacobian():
+  """AMOS's mixture gradient at tau = 0.3, against the analytic Jacobian in NumPy:
+  y = softmax((l + g) / tau), dy/dl = (diag(y) - y y^T) / tau, so the gradient of
+  <y_hard, w> with respect to l is y * (w - <y, w>) / tau."""
+  tau = 0.3
+  rng = np.random.default_rng(0)
+  logits = 0.3 * rng.normal(size=(6, 9))
+  noise = -np.log(-np.log(rng.uniform(size=(6, 9))))
+  w = rng.normal(size=(6, 9))
+  grad = jax.grad(lambda l: jnp.sum(gumbel_softmax_straight_through(
+      l, jnp.asarray(noise, jnp.float32), tau) * jnp.asarray(w, jnp.float32)))(
+          jnp.asarray(logits, jnp.float32))
+  z = (logits + noise) / tau
+  y = np.exp(z - z.max(-1, keepdims=True))
+  y /= y.sum(-1, keepdims=True)
+  expected = y * (w - (y * w).sum(-1, keepdims=True)) / tau
+  assert np.abs(expected).max() > 0.05, "a saturated softmax would hide the temperature"
+  np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
