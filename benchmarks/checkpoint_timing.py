@@ -1,17 +1,24 @@
 """Checkpoint save (blocking part vs total) and restore time of a config's train state.
 
 python benchmarks/checkpoint_timing.py --config configs/electra.py:base --dir /tmp/ckpt
+
+--dir takes any path amos-train takes (gs://bucket/x with Application Default
+Credentials). --emulator starts the tests' local Cloud Storage emulator (loopback, in
+memory; its figures are not those of real Cloud Storage) and points --dir's bucket at it:
+python benchmarks/checkpoint_timing.py --dir gs://amos-bench/ckpt --emulator
 """
 from __future__ import annotations
 
 import argparse
-import shutil
+import os
+import sys
 import time
 
 import jax
 
 from amos_jax.train.distributed import skip_absent_tpu
 
+from amos_jax import paths
 from amos_jax.config import load_config_file
 from amos_jax.objectives import get_objective
 from amos_jax.train import checkpoint as ckpt
@@ -24,7 +31,15 @@ def main():
   p.add_argument("--config", default="configs/electra.py:base")
   p.add_argument("--dir", default="/tmp/amos_ckpt_timing")
   p.add_argument("--repeats", type=int, default=2)
+  p.add_argument("--emulator", action="store_true",
+                 help="serve --dir's gs:// bucket from tests/gcs_emulator.py on 127.0.0.1")
   args = p.parse_args()
+  emulator = None
+  if args.emulator:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests import gcs_emulator
+    emulator, port = gcs_emulator.start(args.dir.split("://", 1)[1].split("/", 1)[0])
+    gcs_emulator.use_in_this_process(port)
   skip_absent_tpu()
   config = load_config_file(args.config)
   objective = get_objective(config)
@@ -33,7 +48,8 @@ def main():
   _, state, state_sh = create_train_state(objective, mesh, tx)
   jax.block_until_ready(state)
   size = sum(x.nbytes for x in jax.tree.leaves(state))
-  shutil.rmtree(args.dir, ignore_errors=True)
+  if paths.exists(args.dir):
+    paths.as_path(args.dir).rmtree()
   manager = ckpt.make_manager(args.dir, config)
   for i in range(args.repeats):
     step = 1000 * (i + 1)
@@ -50,6 +66,8 @@ def main():
     jax.block_until_ready(restored)
     print(f"restore: {time.perf_counter() - start:.2f} s")
   manager.close()
+  if emulator is not None:
+    emulator.kill()
 
 
 if __name__ == "__main__":
