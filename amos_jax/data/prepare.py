@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 
+from amos_jax import paths
 from amos_jax.data import corpus
 from amos_jax.data import records
 from amos_jax.data import tokenizer as tk
@@ -186,6 +187,13 @@ def prepare(inputs: list[str], out_dir: str, *, tokenizer: str | None = None,
   """
   _check_arguments(tokenizer, train_tokenizer, vocab_size, model_type, seq_len,
                    num_shards, workers, doc_sep, limit)
+  if not paths.is_local(out_dir):
+    return _prepare_to_cloud(
+        inputs, out_dir, overwrite=overwrite, tokenizer=tokenizer,
+        train_tokenizer=train_tokenizer, vocab_size=vocab_size, model_type=model_type,
+        seq_len=seq_len, num_shards=num_shards, workers=workers, doc_sep=doc_sep,
+        text_field=text_field, tfds_data_dir=tfds_data_dir, limit=limit,
+        strict_utf8=strict_utf8, progress=progress)
   out_dir = os.path.realpath(os.path.abspath(os.path.expanduser(out_dir)))
   replace = _check_out_dir(out_dir, overwrite)
   inputs = corpus.expand_inputs(inputs)
@@ -211,6 +219,46 @@ def prepare(inputs: list[str], out_dir: str, *, tokenizer: str | None = None,
   finally:
     shutil.rmtree(tmp, ignore_errors=True)  # ours; gone already after the rename
   stats.log_warnings()
+  return manifest
+
+
+def _prepare_to_cloud(inputs, out_dir: str, *, overwrite: bool, **kwargs) -> dict:
+  """`--out gs://...`: written locally (ArrayRecord writes local files only), then
+  copied up with the manifest last, so a folder without one reads as incomplete.
+  Replacing (--overwrite) deletes our old objects first: not atomic there."""
+  out = paths.as_path(out_dir)
+  entries = [p.name for p in out.iterdir()] if out.exists() else []
+  if entries:
+    if records.read_manifest_format(out_dir) != records.FORMAT:
+      raise DataError(f"--out {out_dir} is not empty and is not amos-prepare output (no "
+                      f"{records.MANIFEST} of ours); give a new or empty folder")
+    foreign = sorted(e for e in entries if not records.is_own_entry(e))
+    if foreign:
+      raise DataError(f"--out {out_dir} holds {foreign[0]!r}, which amos-prepare did "
+                      "not write; move it away or give another --out")
+    if not overwrite:
+      raise DataError(f"{out_dir} already holds prepared data; pass --overwrite to "
+                      "replace it")
+  with tempfile.TemporaryDirectory(prefix="amos_jax-prepare-") as local:
+    local_out = os.path.join(local, "data")
+    manifest = prepare(inputs, local_out, **kwargs)
+    (out / records.MANIFEST).unlink(missing_ok=True)
+    for name in entries:
+      if name != records.MANIFEST:
+        old = out / name
+        if old.is_dir():
+          old.rmtree()
+        else:
+          old.unlink()
+    for name in sorted(os.listdir(local_out)):
+      src = os.path.join(local_out, name)
+      if name == records.MANIFEST:
+        continue
+      if os.path.isdir(src):
+        paths.copy_up(src, out / name)
+      else:
+        paths.copy_file(src, out / name)
+    paths.copy_file(os.path.join(local_out, records.MANIFEST), out / records.MANIFEST)
   return manifest
 
 

@@ -18,6 +18,7 @@ import re
 
 import numpy as np
 
+from amos_jax import paths
 from amos_jax.errors import ConfigError, DataError
 
 FORMAT = "amos_jax.tokens.v1"
@@ -84,8 +85,7 @@ def write_manifest(directory: str, manifest: dict) -> None:
 def read_manifest_format(directory: str) -> str | None:
   """The `format` of directory/manifest.json; None if absent or unreadable."""
   try:
-    with open(os.path.join(directory, MANIFEST)) as f:
-      manifest = json.load(f)
+    manifest = paths.read_json(paths.join(directory, MANIFEST))
   except (OSError, ValueError):
     return None
   return manifest.get("format") if isinstance(manifest, dict) else None
@@ -96,6 +96,13 @@ def load_manifest(data_dir: str, verify: bool = False) -> dict:
 
   Sizes are always checked (cheap); `verify` also re-hashes every shard.
   """
+  if not paths.is_local(data_dir):
+    if not paths.exists(paths.join(data_dir, MANIFEST)):
+      raise DataError(f"{data_dir}: no {MANIFEST}; run amos-prepare first "
+                      "(a directory without one is incomplete)")
+    # ArrayRecord reads local files only: the shards are read from a local cache,
+    # fetched once per shard version.
+    data_dir = paths.local_copy(data_dir)
   path = os.path.join(os.path.expanduser(data_dir), MANIFEST)
   if not os.path.exists(path):
     raise DataError(f"{data_dir}: no {MANIFEST}; run amos-prepare first "
