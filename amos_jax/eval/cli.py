@@ -19,9 +19,11 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 import numpy as np
 
+from amos_jax import paths
 from amos_jax.cli import run_command
 from amos_jax.errors import ConfigError
 from amos_jax.eval import metrics as metrics_lib
@@ -85,12 +87,10 @@ def markdown_table(rows: list[dict], columns: list[str], digits: int = 2) -> str
 
 def write_results(out_dir: str, name: str, results: dict, table: str) -> str:
   """Writes OUT/name.json and OUT/name.md; prints the table. Returns the JSON path."""
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"{name}.json")
-  with open(path, "w") as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-    f.write(table + "\n")
+  paths.makedirs(out_dir)  # a gs:// workdir's eval/ too
+  path = paths.join(out_dir, f"{name}.json")
+  paths.write_atomic(path, json.dumps(results, indent=2))
+  paths.write_atomic(paths.join(out_dir, f"{name}.md"), table + "\n")
   print(table)
   print(f"results: {path}")
   return path
@@ -174,11 +174,14 @@ def _grid(args) -> int:
                        pooling=model.pooling, layers=layers, dims=dims,
                        values=values.tolist()))
   out = args.out or _load_ref(args.model).default_out
-  os.makedirs(out, exist_ok=True)
+  paths.makedirs(out)
   name = f"grid-{args.task}-{_slug(args.data)}-{args.split}"
-  png = os.path.join(out, f"{name}.png")
-  grid.plot(png, [dict(p, values=np.asarray(p["values"])) for p in panels],
-            f"{metric} x100, {_slug(args.data)} {args.split}")
+  png = paths.join(out, f"{name}.png")
+  with tempfile.TemporaryDirectory() as local:  # matplotlib writes local files
+    grid.plot(os.path.join(local, "grid.png"),
+              [dict(p, values=np.asarray(p["values"])) for p in panels],
+              f"{metric} x100, {_slug(args.data)} {args.split}")
+    paths.copy_file(os.path.join(local, "grid.png"), png)
   tables = []
   for p in panels:
     rows = [dict(layer=l, **{str(d): p["values"][i][j] for j, d in enumerate(p["dims"])})

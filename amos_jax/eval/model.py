@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from amos_jax import paths
 from amos_jax.errors import AmosError, CheckpointError, ConfigError, DataError, one_line
 from amos_jax.eval.search import ROWS, corpus_mesh
 from amos_jax.model.encoder import Encoder, EncoderConfig
@@ -48,13 +49,24 @@ class ModelRef:
   @property
   def default_out(self) -> str:
     """Where results go without --out: under the workdir, else the current directory."""
-    return os.path.join(self.path, "eval") if self.kind == "workdir" else "."
+    return paths.join(self.path, "eval") if self.kind == "workdir" else "."
 
 
 def parse_model_ref(ref: str) -> ModelRef:
   """'hf:PATH' | 'WORKDIR' | 'WORKDIR@STEP' -> ModelRef (paths made absolute)."""
   if not ref:
     raise ConfigError("--model is empty; give a workdir, WORKDIR@STEP or hf:PATH")
+  if ref.startswith("hf:") and not paths.is_local(ref[3:]):
+    return ModelRef("hf", paths.local_copy(ref[3:]))  # a local copy of a gs:// folder
+  if not paths.is_local(ref):
+    path, _, step_text = ref.rpartition("@") if "@" in ref else (ref, "", "0")
+    if not step_text.isdigit():
+      raise ConfigError(f"--model {ref}: the step after @ must be a number, e.g. "
+                        f"{path}@1000")
+    if not paths.exists(paths.join(path, "config.json")):
+      raise CheckpointError(f"--model {ref}: {path} is not a training workdir (no "
+                            "config.json); give a workdir, WORKDIR@STEP or hf:PATH")
+    return ModelRef("workdir", path, int(step_text) if "@" in ref else None)
   if ref.startswith("hf:"):
     path = os.path.abspath(os.path.expanduser(ref[3:]))
     if not os.path.isdir(path):

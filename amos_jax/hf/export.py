@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import json
 import os
 
 import numpy as np
 
+from amos_jax import paths
 from amos_jax.errors import ExportError
 from amos_jax.hf import names
 from amos_jax.hf.output import check_out, write_out
@@ -37,20 +37,21 @@ def load_run(workdir: str, step: int | None = None):
   """
   import ml_collections
   import orbax.checkpoint as ocp
-  cfg_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(cfg_path):
+  cfg_path = paths.join(workdir, "config.json")
+  if not paths.exists(cfg_path) or paths.isdir(cfg_path):
     raise ExportError(f"{cfg_path} not found; --workdir must be an amos-train run directory")
-  with open(cfg_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  steps = sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(ckpt_dir, "*"))
-                 if os.path.basename(p).isdigit())
+  config = ml_collections.ConfigDict(paths.read_json(cfg_path))
+  ckpt_dir = paths.as_path(workdir) / "checkpoints"
+  if paths.is_local(ckpt_dir):
+    ckpt_dir = paths.as_path(os.path.abspath(ckpt_dir))
+  steps = sorted(int(p.name) for p in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else [])
+                 if p.name.isdigit())
   if not steps:
     raise ExportError(f"no checkpoint in {ckpt_dir}")
   step = steps[-1] if step is None else step
   if step not in steps:
     raise ExportError(f"--step {step} not found; available: {steps}")
-  tree = ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, str(step), "state"))
+  tree = ocp.StandardCheckpointer().restore(ckpt_dir / str(step) / "state")
   flat = {}
 
   def walk(node, path):
@@ -68,8 +69,8 @@ def load_run(workdir: str, step: int | None = None):
 
 def load_run_tokenizer(workdir: str, config):
   from amos_jax.data.tokenizer import load_tokenizer
-  own = os.path.join(workdir, "tokenizer")
-  spec = own if os.path.isdir(own) else config.data.get("tokenizer", "")
+  own = paths.join(workdir, "tokenizer")
+  spec = own if paths.isdir(own) else config.data.get("tokenizer", "")
   if not spec:
     raise ExportError(f"no tokenizer: {own} is missing and data.tokenizer is empty")
   return load_tokenizer(spec)
@@ -240,15 +241,13 @@ def model_card(config, workdir: str, step: int):
   for one exported folder."""
   o = config.objective
   last = {}
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  if os.path.isfile(metrics):
-    with open(metrics) as f:
-      for line in f:
-        if line.strip():
-          try:
-            last.update(json.loads(line))
-          except ValueError:  # a torn last line of an interrupted run
-            pass
+  metrics = paths.join(workdir, "metrics.jsonl")
+  for line in paths.read_text(metrics).splitlines() if paths.exists(metrics) else []:
+    if line.strip():
+      try:
+        last.update(json.loads(line))
+      except ValueError:  # a torn last line of an interrupted run
+        pass
   shown = {k: round(v, 4) for k, v in last.items()
            if isinstance(v, float) and ("loss" in k or "accuracy" in k)}
   taps = tuple(o.get("generator", {}).get("tap_layers", ()) or ())
@@ -289,6 +288,9 @@ def export(workdir: str, out: str, fmt: str = "hf", step: int | None = None,
     flag = "--size" if size is not None else "--pooling"
     raise ExportError(f"{flag} applies to --format sentence-transformers; --format hf "
                       "writes the whole model")
+  if not paths.is_local(out):
+    raise ExportError(f"--out {out}: exports are written to a local folder; give a "
+                      "local --out and copy it up (gcloud storage cp -r OUT gs://...)")
   target = check_out(workdir, out)
   config, flat, step = load_run(workdir, step)
   tok = load_run_tokenizer(workdir, config)
@@ -316,7 +318,7 @@ def export(workdir: str, out: str, fmt: str = "hf", step: int | None = None,
                                    seq_len=int(config.train.seq_len), size=size,
                                    pooling=pooling or "mean")
 
-  write_out(target, write, dict(written_by="amos-export", workdir=os.path.abspath(workdir),
+  write_out(target, write, dict(written_by="amos-export", workdir=os.path.abspath(workdir) if paths.is_local(workdir) else workdir,
                                 step=step, format=fmt))
   return [os.path.join(target, m.subdir) if m.subdir else target for m in models]
 

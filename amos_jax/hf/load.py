@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from amos_jax import paths
 from amos_jax.errors import HFImportError, one_line
 from amos_jax.hf import names
 
@@ -37,6 +38,8 @@ RTD_HEAD_FILE = names.RTD_HEAD_FILE
 def _strip(path) -> str:
   path = os.fspath(path)
   path = path[3:] if path.startswith("hf:") else path
+  if not paths.is_local(path):
+    return paths.local_copy(path)  # safetensors are memory-mapped: read from a local copy
   return os.path.expanduser(path)
 
 
