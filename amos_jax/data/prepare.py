@@ -110,6 +110,12 @@ def _check_out_dir(out_dir: str, overwrite: bool) -> bool:
     entries = os.listdir(out_dir)
   except OSError as e:
     raise DataError(f"--out {out_dir}: cannot list it ({e.strerror})") from None
+  return _check_entries(out_dir, entries, overwrite)
+
+
+def _check_entries(out_dir: str, entries: list[str], overwrite: bool) -> bool:
+  """True if out_dir's `entries` are earlier prepared data we may replace; raises if
+  they are not ours, or without --overwrite."""
   if not entries:
     return False
   if records.read_manifest_format(out_dir) != records.FORMAT:
@@ -228,17 +234,7 @@ def _prepare_to_cloud(inputs, out_dir: str, *, overwrite: bool, **kwargs) -> dic
   Replacing (--overwrite) deletes our old objects first: not atomic there."""
   out = paths.as_path(out_dir)
   entries = [p.name for p in out.iterdir()] if out.exists() else []
-  if entries:
-    if records.read_manifest_format(out_dir) != records.FORMAT:
-      raise DataError(f"--out {out_dir} is not empty and is not amos-prepare output (no "
-                      f"{records.MANIFEST} of ours); give a new or empty folder")
-    foreign = sorted(e for e in entries if not records.is_own_entry(e))
-    if foreign:
-      raise DataError(f"--out {out_dir} holds {foreign[0]!r}, which amos-prepare did "
-                      "not write; move it away or give another --out")
-    if not overwrite:
-      raise DataError(f"{out_dir} already holds prepared data; pass --overwrite to "
-                      "replace it")
+  _check_entries(out_dir, entries, overwrite)
   with tempfile.TemporaryDirectory(prefix="amos_jax-prepare-") as local:
     local_out = os.path.join(local, "data")
     manifest = prepare(inputs, local_out, **kwargs)
