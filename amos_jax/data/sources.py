@@ -9,8 +9,9 @@
                          a pure function of the step
   source.summary         one line for the log
 
-Two sources: the small in-memory path (`data.corpus`: the embedded demo corpus or
-text files) and prepared ArrayRecord shards (`data.prepared`, from amos-prepare).
+Three sources: the small in-memory path (`data.corpus`: the embedded demo corpus or
+text files), prepared ArrayRecord shards (`data.prepared`, from amos-prepare), and
+labeled GLUE-layout tasks (`data.task`, `data/glue.py`; batches also carry `labels`).
 """
 from __future__ import annotations
 
@@ -97,7 +98,11 @@ class PreparedSource:
 
 
 def make_source(config, workdir: str) -> DataSource:
-  """The configured source: `data.prepared` if set, else `data.corpus`."""
+  """The configured source: `data.task` (a labeled GLUE-layout folder,
+  `data/glue.py`) if set, else `data.prepared` if set, else `data.corpus`."""
+  if config.data.get("task"):
+    from amos_jax.data.glue import GlueSource
+    return GlueSource(config, workdir)
   if config.data.get("prepared"):
     return PreparedSource(config)
   return InMemorySource(config, workdir)

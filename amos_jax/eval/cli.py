@@ -1,8 +1,9 @@
-"""amos-eval sts|retrieval|grid and amos-index build|query|recall.
+"""amos-eval sts|retrieval|grid|glue and amos-index build|query|recall.
 
 amos-eval sts       --model M --data PATH [--split test] [--layer L] [--dim D] [--pooling mean|cls]
 amos-eval retrieval --model M --data BEIR_DIR [--split test] [--similarity cos|dot]
 amos-eval grid      --model M --data PATH --task sts|retrieval [--compare M2] [--dims 32,64]
+amos-eval glue      --model M --task DIR [--seeds 1,2,3] [--config.KEY=VALUE ...]
 amos-index build    --model M --data CORPUS [--db PATH | --uri URL] [--collection NAME]
                     [--candidate-size L,D]
 amos-index query    --model M --text TEXT [--text TEXT ...] [--top 10] [--candidate-size L,D]
@@ -229,12 +230,22 @@ def eval_parser() -> argparse.ArgumentParser:
                  "two from 32 up to the width, plus the width)")
   g.add_argument("--metric", default="ndcg@10", help="retrieval metric for the grid")
   g.add_argument("--similarity", default="cos", choices=("cos", "dot"))
+  from amos_jax.eval import glue
+  glue.add_parser(sub)
   return p
 
 
 def run_eval(argv=None) -> int:
+  from amos_jax.cli import split_config_overrides
+  from amos_jax.eval import glue
+  argv, overrides = split_config_overrides(list(sys.argv[1:] if argv is None else argv))
   args = eval_parser().parse_args(argv)
-  return {"sts": _sts, "retrieval": _retrieval, "grid": _grid}[args.command](args)
+  if overrides and args.command != "glue":
+    raise ConfigError(f"--config.{overrides[0][0]}: --config.KEY=VALUE applies to "
+                      "amos-eval glue only")
+  args.overrides = overrides
+  return {"sts": _sts, "retrieval": _retrieval, "grid": _grid,
+          "glue": glue.command}[args.command](args)
 
 
 def eval_main(argv=None) -> int:

@@ -128,3 +128,47 @@ def retrieval_scores(qrels: Mapping[str, Mapping[str, int]],
   mean = {m: float(np.mean([s[m] for s in per_query.values()])) if per_query else 0.0
           for m in metrics}
   return mean, per_query
+
+
+# ---------------------------------------------------------------------- GLUE
+def accuracy(labels, predictions) -> float:
+  """Fraction of predictions equal to the labels."""
+  labels, predictions = np.asarray(labels), np.asarray(predictions)
+  return float(np.mean(labels == predictions)) if len(labels) else float("nan")
+
+
+def binary_f1(labels, predictions, positive: int = 1) -> float:
+  """F1 of the positive class: 2 TP / (2 TP + FP + FN) (0 when there is none)."""
+  labels, predictions = np.asarray(labels), np.asarray(predictions)
+  tp = int(np.sum((predictions == positive) & (labels == positive)))
+  fp = int(np.sum((predictions == positive) & (labels != positive)))
+  fn = int(np.sum((predictions != positive) & (labels == positive)))
+  return 2.0 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def matthews_corrcoef(labels, predictions) -> float:
+  """Matthews correlation, multi-class (Gorodkin's R_K, as scikit-learn computes it):
+  (c s - sum_k p_k t_k) / sqrt((s^2 - sum p_k^2)(s^2 - sum t_k^2)); 0 when undefined."""
+  labels, predictions = np.asarray(labels), np.asarray(predictions)
+  classes = np.union1d(labels, predictions)
+  t = np.array([np.sum(labels == k) for k in classes], np.float64)
+  p = np.array([np.sum(predictions == k) for k in classes], np.float64)
+  c = float(np.sum(labels == predictions))
+  s = float(len(labels))
+  denom = math.sqrt((s * s - float(p @ p)) * (s * s - float(t @ t)))
+  return float((c * s - float(p @ t)) / denom) if denom > 0 else 0.0
+
+
+def glue_scores(labels, outputs, regression: bool, num_labels: int = 2) -> dict[str, float]:
+  """The GLUE figures x100: accuracy, MCC and (two labels) F1 of class 1 from argmax
+  predictions; Pearson and Spearman for regression."""
+  if regression:
+    return dict(pearson=100.0 * pearson(labels, outputs),
+                spearman=100.0 * spearman(labels, outputs))
+  pred = np.asarray(outputs)
+  pred = pred.argmax(-1) if pred.ndim == 2 else pred
+  out = dict(accuracy=100.0 * accuracy(labels, pred))
+  if num_labels == 2:
+    out["f1"] = 100.0 * binary_f1(labels, pred)
+  out["mcc"] = 100.0 * matthews_corrcoef(labels, pred)
+  return out
