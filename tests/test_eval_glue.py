@@ -98,7 +98,32 @@ def _train_rows(workdir) -> dict:
   return out
 
 
-def test_glue_learns_and_resumes_exactly(tiny_run, monkeypatch):
+@pytest.fixture
+def compile_cache(tmp_path):
+  """A persistent compilation cache for this test: the three runs compile once."""
+  import jax
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+  before = {k: getattr(jax.config, k) for k in keys}
+  for k, v in zip(keys, (str(tmp_path / "xla_cache"), 0.0, 0)):
+    jax.config.update(k, v)
+  _reset_compile_cache()
+  yield
+  for k, v in before.items():
+    jax.config.update(k, v)
+  _reset_compile_cache()   # later tests must not write into this test's folder
+
+
+def _reset_compile_cache():
+  """JAX opens its persistent cache once per process; make it re-read the config."""
+  try:
+    from jax._src import compilation_cache
+    compilation_cache.reset_cache()
+  except (ImportError, AttributeError):
+    pass
+
+
+def test_glue_learns_and_resumes_exactly(tiny_run, monkeypatch, compile_cache):
   """The tiny encoder learns the keyword task far above chance; a run stopped by
   SIGTERM at step 12 and rerun equals the uninterrupted run (metrics and dev figures)."""
   from amos_jax.data import glue as glue_data

@@ -1,7 +1,7 @@
 """amos-eval glue: fine-tune an encoder on a GLUE-layout task and score its dev set.
 
   amos-eval glue --model M --task DIR [--seeds 1,2,3] [--pooling cls|mean]
-                 [--config.KEY=VALUE ...] [--out OUT]
+                 [--epochs 3] [--config.KEY=VALUE ...] [--out OUT]
 
 The run is an ordinary `amos-train` run of the `classify` objective
 (`objectives/classify.py`) on `data.task=DIR` (`data/glue.py`), through the same
@@ -69,7 +69,7 @@ def _workdir_source(ref, out: str) -> tuple[dict, str, str]:
   folder = os.path.join(out, INIT_FOLDER)
   stamp = os.path.join(folder, "source.txt")
   source = f"{os.path.abspath(ref.path)}@{step}"
-  if not (os.path.isfile(stamp) and open(stamp).read() == source):
+  if not (os.path.isfile(stamp) and paths.read_text(stamp) == source):
     objective = get_objective(config, SpecialTokens.of(tok))
     models = objective.hf_models()
     if not models:
@@ -91,7 +91,8 @@ def _workdir_source(ref, out: str) -> tuple[dict, str, str]:
   return dict(config.model), tok_spec, folder
 
 
-def build_config(ref, task, out: str, overrides, pooling: str | None = None):
+def build_config(ref, task, out: str, overrides, pooling: str | None = None,
+                 epochs: float = 3.0):
   """The classify config for `task` sized from the model reference (not frozen)."""
   from amos_jax.config import apply_overrides, base_config
   c = base_config()
@@ -123,11 +124,10 @@ def build_config(ref, task, out: str, overrides, pooling: str | None = None):
   c.train.update(batch_size=32, seq_len=seq_len, learning_rate=2e-5, warmup_steps=0,
                  warmup_fraction=0.1, weight_decay=0.01, log_every=50, eval_every=0,
                  schedule="linear")
-  c.glue = ml_collections.ConfigDict(dict(epochs=3.0))
   apply_overrides(c, overrides)
   n_train, n_dev = len(task.splits["train"].labels), len(task.splits["dev"].labels)
   if "train.steps" not in dict(overrides):
-    c.train.steps = max(1, int(round(c.glue.epochs * n_train / c.train.batch_size)))
+    c.train.steps = max(1, int(round(epochs * n_train / c.train.batch_size)))
   # The trainer's eval loss covers the whole dev set (whole batches).
   if "train.eval_batches" not in dict(overrides):
     c.train.eval_batches = max(1, n_dev // c.train.batch_size)
@@ -173,13 +173,14 @@ def _predict(config, workdir: str, task):
   return step, np.concatenate(outs)
 
 
-def run(ref, task, *, seeds, out: str, overrides=(), pooling=None) -> dict:
+def run(ref, task, *, seeds, out: str, overrides=(), pooling=None,
+        epochs: float = 3.0) -> dict:
   """Fine-tunes and scores every seed; returns the results dict."""
   from amos_jax.config import freeze
   from amos_jax.eval import metrics as metrics_lib
   from amos_jax.train.loop import train_and_evaluate
   paths.makedirs(out)
-  base = build_config(ref, task, out, list(overrides), pooling)
+  base = build_config(ref, task, out, list(overrides), pooling, epochs)
   labels = task.label_values("dev")
   rows = []
   for seed in seeds:
@@ -218,6 +219,8 @@ def add_parser(sub) -> None:
   g.add_argument("--task", required=True, help="folder with train.tsv and dev.tsv")
   g.add_argument("--seeds", default="1", help="comma-separated fine-tuning seeds; "
                  "several report each and the median")
+  g.add_argument("--epochs", type=float, default=3.0, help="passes over train.tsv "
+                 "(train.steps from it; --config.train.steps=N instead sets it)")
   g.add_argument("--pooling", choices=("cls", "mean"), default=None,
                  help="what the head reads (default: cls)")
   g.add_argument("--out", default=None, help="results and per-seed workdirs (default: "
@@ -240,8 +243,10 @@ def command(args) -> int:
     raise ConfigError(f"--out {out}: amos-eval glue writes a local folder; give a local "
                       "--out")
   out = os.path.abspath(out)
+  if args.epochs <= 0:
+    raise ConfigError(f"--epochs {args.epochs}: give a positive number of passes")
   results = run(ref, task, seeds=seeds, out=out, overrides=overrides,
-                pooling=args.pooling)
+                pooling=args.pooling, epochs=args.epochs)
   results["model"] = (f"hf:{ref.path}" if ref.kind == "hf" else
                       ref.path + (f"@{ref.step}" if ref.step is not None else ""))
   table = markdown_table(results["results"], ["seed", "step", *results["metrics"]])
