@@ -187,7 +187,7 @@ def run(ref, task, *, seeds, out: str, overrides=(), pooling=None,
     c = ml_collections.ConfigDict(base.to_dict())
     c.train.seed = int(seed)
     config = freeze(c)
-    workdir = os.path.join(out, f"seed{seed}")
+    workdir = paths.join(out, f"seed{seed}")
     train_and_evaluate(config, workdir)
     step, outputs = _predict(config, workdir, task)
     if step < config.train.steps:
