@@ -213,7 +213,9 @@ def aot_estimate(config) -> dict:
                estimate_step_seconds=step, estimate_bound="compute" if compute_s >= memory_s
                else "memory",
                estimate_tokens_per_second=t.batch_size * t.seq_len / step)
-    if analytic.get("total"):
+    # With the analytic FLOPs as the compute time, a compute-bound MFU would be 100%
+    # by construction: no MFU is claimed then.
+    if analytic.get("total") and out["xla_flops_per_step"]:
       out["estimate_mfu"] = analytic["total"] / report["devices"] / step / peak
   return out
 
