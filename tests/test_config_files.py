@@ -69,7 +69,9 @@ def test_config_builds_and_takes_one_train_step(spec):
   tx = make_optimizer(config.train)
   graphdef, params = nnx.split(objective.build_model(nnx.Rngs(config.train.seed)),
                                nnx.Param)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  # The step at the end of warm-up: the config's peak learning rate.
+  peak_step = config_lib.warmup_steps(config.train)
+  state = TrainState(step=jnp.asarray(peak_step, jnp.int32), params=params,
                      opt_state=tx.init(params), nonfinite_streak=jnp.zeros((), jnp.int32))
   batch = random_batch(jax.random.key(0), 4, 32, 64, pad_tail=4)
   key = json.dumps(config.to_dict(), sort_keys=True, default=str)
@@ -78,11 +80,12 @@ def test_config_builds_and_takes_one_train_step(spec):
         state, batch).compile(compiler_options=_FAST_COMPILE)
   new_state, metrics = _compiled[key](state, batch)
   metrics = jax.device_get(metrics)
-  assert int(new_state.step) == 1
+  assert int(new_state.step) == peak_step + 1
   assert float(metrics["skipped"]) == 0.0
   assert all(math.isfinite(float(v)) for v in metrics.values()), metrics
   assert float(metrics["grad_norm"]) > 0
-  moved = [float(np.abs(a - b).max()) for a, b in
-           zip(jax.tree.leaves(state.params), jax.tree.leaves(new_state.params))]
-  # Warm-up starts at a zero learning rate: the first step may change nothing.
-  assert max(moved) > 0 or float(metrics["learning_rate"]) == 0.0
+  assert float(metrics["learning_rate"]) == pytest.approx(config.train.learning_rate)
+  new = jax.tree.leaves(new_state.params)
+  assert all(bool(jnp.isfinite(x).all()) for x in new)
+  assert max(float(np.abs(a - b).max())
+             for a, b in zip(jax.tree.leaves(state.params), new)) > 0
