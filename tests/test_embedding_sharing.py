@@ -24,7 +24,7 @@ import pytest
 from flax import nnx
 
 from amos_jax.objectives import get_objective
-from tests.helpers import random_batch, tiny_config
+from tests.helpers import fast_compile, random_batch, tiny_config
 
 DISC = "discriminator/embeddings/"
 GEN = "generator/embeddings/"
@@ -35,6 +35,12 @@ OWN = ("position_embeddings/embedding", "token_type_embeddings/embedding",
 
 # (objective, mixture): ELECTRA, and AMOS with the mixture on and off.
 MODELS = [("electra", False), ("amos", True), ("amos", False)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile():
+  with fast_compile():
+    yield
 
 
 def _config(name, sharing, mixture):

@@ -11,7 +11,13 @@ from amos_jax.objectives import amos as amos_module
 from amos_jax.objectives import electra as electra_module
 from amos_jax.objectives import get_objective
 from amos_jax.objectives.electra import replaced_token_labels
-from tests.helpers import random_batch, tiny_config
+from tests.helpers import fast_compile, random_batch, tiny_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile():
+  with fast_compile():
+    yield
 
 
 @functools.cache

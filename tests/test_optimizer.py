@@ -26,10 +26,16 @@ from amos_jax.objectives.base import Objective
 from amos_jax.train import sharding as shd
 from amos_jax.train.state import create_train_state, learning_rate_schedule, make_optimizer
 from amos_jax.train.step import make_train_step, step_rng
-from tests.helpers import tiny_config
+from tests.helpers import fast_compile, tiny_config
 
 V, E, B, T = 11, 8, 4, 6
 PEAK, END_FRACTION, WARMUP, STEPS, WD = 0.05, 0.1, 3, 8, 0.3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile():
+  with fast_compile():
+    yield
 
 
 # ----------------------------------------------------------- a tiny objective

@@ -49,7 +49,9 @@ _SCRIPT = textwrap.dedent("""
 
 
 def test_losses_equal_across_meshes_and_params_sharded():
-  r = subprocess.run([sys.executable, "-c", _SCRIPT], env=env_for(8), capture_output=True,
+  # XLA's backend optimizations off: the same values, compiled faster.
+  env = dict(env_for(8), JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  r = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
                      text=True, timeout=600, cwd=ROOT)
   assert r.returncode == 0, r.stderr[-3000:]
   out = json.loads(r.stdout.strip().splitlines()[-1])

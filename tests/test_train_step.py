@@ -12,7 +12,13 @@ from amos_jax.train import sharding as shd
 from amos_jax.train.loop import train_and_evaluate
 from amos_jax.train.state import create_train_state, make_optimizer
 from amos_jax.train.step import make_train_step
-from tests.helpers import random_batch, tiny_config
+from tests.helpers import fast_compile, random_batch, tiny_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile():
+  with fast_compile():
+    yield
 
 
 def _gradient_capture() -> optax.GradientTransformation:
