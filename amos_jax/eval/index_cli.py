@@ -81,14 +81,11 @@ def _meta(model, layer, dim, similarity="cos") -> dict:
 
 def _index_build(args) -> int:
   from amos_jax.eval import index
-  from amos_jax.eval.model import check_size, embed_layers, truncate_normalize
+  from amos_jax.eval.model import embed_layers, truncate_normalize
   name = index.collection_name(args.collection)
   ids, texts = read_texts(args.data)
   model = load_model_arg(args)
-  layer, dim = check_size(model, args.layer, args.dim)
-  small = parse_size(args.candidate_size, "--candidate-size")
-  if small:
-    small = check_size(model, *small)
+  layer, dim, small = _sizes(args, model)
   layers = sorted({layer} | ({small[0]} if small else set()))
   start = time.perf_counter()
   pooled = embed_layers(model, texts, layers, desc="corpus", **embed_options(args))
@@ -127,22 +124,35 @@ def _query_vectors(args, model, texts, layer, dim, small):
                 if small else None)
 
 
+def _sizes(args, model):
+  """(layer, dim, candidate size or None), each checked against the model."""
+  from amos_jax.eval.model import check_size
+  layer, dim = check_size(model, args.layer, args.dim)
+  small = parse_size(args.candidate_size, "--candidate-size")
+  return layer, dim, (check_size(model, *small) if small else None)
+
+
+def _require(index, client, name, model, layer, dim, small, where):
+  """Refuses collections built with another model or size; the candidate
+  collection's name (None without two-stage search)."""
+  index.require(client, name, _meta(model, layer, dim), where)
+  if not small:
+    return None
+  small_name = index.candidate_collection(name, *small)
+  index.require(client, small_name, _meta(model, *small), where)
+  return small_name
+
+
 def _index_query(args) -> int:
   from amos_jax.eval import index
-  from amos_jax.eval.model import check_size
   name = index.collection_name(args.collection)
   if not args.text:
     raise ConfigError("amos-index query needs --text TEXT (repeat it for more queries)")
   model = load_model_arg(args)
-  layer, dim = check_size(model, args.layer, args.dim)
-  small = parse_size(args.candidate_size, "--candidate-size")
-  small = check_size(model, *small) if small else None
+  layer, dim, small = _sizes(args, model)
 
   def run(client, where):
-    index.require(client, name, _meta(model, layer, dim), where)
-    if small:
-      small_name = index.candidate_collection(name, *small)
-      index.require(client, small_name, _meta(model, *small), where)
+    small_name = _require(index, client, name, model, layer, dim, small, where)
     q_full, q_small = _query_vectors(args, model, args.text, layer, dim, small)
     if small:
       hits = index.two_stage(client, name, small_name, q_full, q_small, args.top,
@@ -180,20 +190,14 @@ def _snippet(text: str, n: int = 80) -> str:
 
 def _index_recall(args) -> int:
   from amos_jax.eval import index
-  from amos_jax.eval.model import check_size
   from amos_jax.eval.search import exact_search
   name = index.collection_name(args.collection)
   queries = read_queries(args.data)
   model = load_model_arg(args)
-  layer, dim = check_size(model, args.layer, args.dim)
-  small = parse_size(args.candidate_size, "--candidate-size")
-  small = check_size(model, *small) if small else None
+  layer, dim, small = _sizes(args, model)
 
   def run(client, where):
-    index.require(client, name, _meta(model, layer, dim), where)
-    if small:
-      small_name = index.candidate_collection(name, *small)
-      index.require(client, small_name, _meta(model, *small), where)
+    small_name = _require(index, client, name, model, layer, dim, small, where)
     q_full, q_small = _query_vectors(args, model, queries, layer, dim, small)
     ids, corpus = index.all_vectors(client, name)
     (_, rows), exact_s = index.timed(exact_search, q_full, corpus, args.k)
