@@ -69,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
       whole_word=False, mlm_weight=1.0, rtd_weight=50.0, rtd_head_layers=2,
       embedding_sharing="all",  # all (ELECTRA) | tokens (AMOS) | gdes (DeBERTa-v3)
       sampling_temperature=1.0, mixture=False, hard_sample=True,
+      sampler="inverse_cdf",  # ELECTRA's vocabulary sample: inverse_cdf | gumbel (same law)
       adversarial=True, head_loss_reduction="sum",
       generator=ml_collections.ConfigDict(dict(
           width_fraction=0.25, num_layers=0, tap_layers=(), dropout=True))))

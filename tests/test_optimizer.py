@@ -273,3 +273,40 @@ def test_real_model_decays_all_but_biases_and_layernorm_scales():
     kinds.add((name.split("/")[-1], decayed(name)))
   assert {("bias", False), ("scale", False), ("kernel", True), ("embedding", True),
           ("word_embeddings_delta", True)} <= kinds, kinds
+
+
+def test_layer_grouped_update_equals_the_per_layer_update():
+  """The step updates layer-stacked trees (`layer_groups`); the result must be the
+  per-layer AdamW update, leaf for leaf, parameters and both moments (a wrong
+  ungroup order, or a decay mask that misreads the grouped names, breaks it). The
+  grouped tree's size does not grow with depth."""
+  from amos_jax.model import rng as rng_lib
+  from amos_jax.train.layer_groups import group, ungroup
+  from tests.helpers import random_batch
+  c = tiny_config("electra", num_layers=3)
+  c.train.update(warmup_steps=0, learning_rate=0.01, weight_decay=0.1)
+  c.mesh.update(data=1, fsdp=1, tensor=1)
+  objective = get_objective(c)
+  tx = make_optimizer(c.train)
+  graphdef, state, _ = create_train_state(
+      objective, shd.build_mesh(c.mesh, jax.devices()[:1]), tx)
+  batch = random_batch(jax.random.key(0), 8, 32, 64, pad_tail=3)
+  after, _ = jax.jit(make_train_step(graphdef, objective, tx))(state, batch)
+
+  key = rng_lib.per_row(step_rng(c.train.seed, 0), jnp.arange(8, dtype=jnp.int32))
+  grads = jax.grad(lambda p: objective.loss(
+      nnx.merge(graphdef, p), batch, objective.loss_counts(batch), key, True)[0])(state.params)
+  direction, opt_state = tx.update(grads, state.opt_state, state.params)
+  expected = optax.apply_updates(state.params, jax.tree.map(lambda d: -0.01 * d, direction))
+  for got, want in ((after.params, expected), (after.opt_state, opt_state)):
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+  grouped = group(state.params)
+  assert "discriminator/encoder/layer/*/attention/self/query/kernel" in grouped
+  assert grouped["discriminator/encoder/layer/*/attention/self/query/kernel"].shape[0] == 3
+  jax.tree.map(np.testing.assert_array_equal, ungroup(grouped, state.params), state.params)
+  deeper = tiny_config("electra", num_layers=5)
+  _, deeper_params = jax.eval_shape(lambda: nnx.split(
+      get_objective(deeper).build_model(nnx.Rngs(0)), nnx.Param))
+  assert len(jax.eval_shape(group, deeper_params)) == len(grouped) < len(jax.tree.leaves(state.params))

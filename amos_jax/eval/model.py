@@ -313,10 +313,12 @@ def _progress(total: int, desc: str, show: bool):
 
 def embed_layers(model: EmbeddingModel, texts: Sequence[str], layers: Sequence[int], *,
                  pooling: str | None = None, batch_tokens: int = 16384,
-                 desc: str = "embedding", progress: bool = True,
+                 batch_size: int | None = None, desc: str = "embedding", progress: bool = True,
                  out: np.ndarray | None = None) -> np.ndarray:
   """Pooled (not normalized) embeddings at each of `layers`: (len(layers), N, H) f32.
 
+  batch_tokens: padded tokens per batch (rows = batch_tokens // padded length), or
+  batch_size: rows per batch whatever the length (as sentence-transformers' encode).
   out: where to write them (e.g. a np.memmap for a corpus larger than memory).
   """
   layers = tuple(int(l) for l in layers)
@@ -354,7 +356,8 @@ def embed_layers(model: EmbeddingModel, texts: Sequence[str], layers: Sequence[i
         t = buckets[b]
         members = np.flatnonzero(bucket_of == b)
         # About batch_tokens per batch; fewer rows (a power of two) for a small set.
-        per_batch = min(max(1, batch_tokens // t), 1 << int(len(members) - 1).bit_length())
+        per_batch = batch_size or max(1, batch_tokens // t)
+        per_batch = min(per_batch, 1 << int(len(members) - 1).bit_length())
         per_batch = -(-per_batch // n_dev) * n_dev
         for i in range(0, len(members), per_batch):
           take = members[i:i + per_batch]

@@ -30,7 +30,7 @@ from amos_jax.model.heads import MLMHead, RTDHead
 from amos_jax.objectives import masking
 from amos_jax.objectives.base import HFModel
 from amos_jax.objectives.mlm import MaskedObjective
-from amos_jax.objectives.sampling import gumbel_max_sample, gumbel_noise
+from amos_jax.objectives.sampling import gumbel_max_sample, gumbel_noise, inverse_cdf_sample
 
 EMBEDDING_SHARING = ("all", "tokens", "gdes")
 _DELTA = ("discriminator", "embeddings", "word_embeddings_delta")
@@ -128,6 +128,9 @@ class Electra(MaskedObjective):
           f"width {hidden} that its {heads} heads do not divide")
     if o.rtd_head_layers not in (1, 2):
       raise ConfigError(f"objective.rtd_head_layers={o.rtd_head_layers} must be 1 or 2")
+    if o.get("sampler", "inverse_cdf") not in ("inverse_cdf", "gumbel"):
+      raise ConfigError(f"objective.sampler={o.sampler!r}: use 'inverse_cdf' (one uniform "
+                        "per prediction) or 'gumbel' (Gumbel-max, one draw per word)")
     if o.embedding_sharing not in EMBEDDING_SHARING:
       raise ConfigError(f"objective.embedding_sharing={o.embedding_sharing!r}: use "
                         f"{', '.join(EMBEDDING_SHARING)}")
@@ -155,8 +158,11 @@ class Electra(MaskedObjective):
 
     # No discriminator gradient may reach the generator through the sample.
     logits = jax.lax.stop_gradient(logits)
-    sampled = gumbel_max_sample(logits, gumbel_noise(r_sample, logits.shape),
-                                obj.sampling_temperature)
+    if obj.get("sampler", "inverse_cdf") == "gumbel":
+      sampled = gumbel_max_sample(logits, gumbel_noise(r_sample, logits.shape),
+                                  obj.sampling_temperature)
+    else:
+      sampled = inverse_cdf_sample(r_sample, logits, obj.sampling_temperature)
     sampled = jnp.where(masked.weights > 0, sampled, masked.labels)
     disc_ids = masking.scatter_positions(masked.input_ids, masked.positions,
                                          sampled.astype(masked.input_ids.dtype))

@@ -21,6 +21,25 @@ def gumbel_max_sample(logits: jax.Array, noise: jax.Array,
   return jnp.argmax(logits / temperature + noise, axis=-1)
 
 
+def inverse_cdf_sample(rng: jax.Array, logits: jax.Array,
+                       temperature: float = 1.0) -> jax.Array:
+  """A sample of softmax(logits / T) from one uniform per row: (..., V) -> (...).
+
+  The same distribution as Gumbel-max, from one random number per prediction
+  instead of V (on CPU, V Gumbel draws over a 30k vocabulary cost about a tenth of
+  an ELECTRA-small step): the index of the first cumulative probability above
+  u * total. rng: one key, or one per row of the leading axis (per-row streams).
+  """
+  p = jax.nn.softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+  cdf = jnp.cumsum(p, axis=-1)
+  u = rng_lib.draw(lambda k, s: jax.random.uniform(k, s, jnp.float32), rng,
+                   logits.shape[:-1])
+  # Scaling by the last cumulative value keeps u below it despite rounding, and a
+  # zero-probability entry (cdf equal to its predecessor's) is never picked.
+  below = cdf < (u * cdf[..., -1])[..., None]
+  return jnp.minimum(below.sum(-1), logits.shape[-1] - 1)
+
+
 @jax.custom_vjp
 def straight_through(hard: jax.Array, soft: jax.Array) -> jax.Array:
   """Forward: `hard` exactly. Backward: the cotangent goes to `soft` unchanged."""

@@ -143,7 +143,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   batch_sh, train_step = trainer.batch_sharding, trainer.train_step
   eval_step = jax.jit(make_eval_step(graphdef, objective),
                       in_shardings=(state_sh.params, batch_sh, None),
-                      out_shardings=shd.replicated(mesh))
+                      out_shardings=shd.replicated(mesh),
+                      compiler_options=shd.compiler_options(mesh))
   eval_batches = [to_global_arrays(b, mesh, batch_sh) for b in data.eval_batches(t.eval_batches)]
 
   def evaluate(params, step):

@@ -42,8 +42,9 @@ def learning_rate_schedule(t) -> optax.Schedule:
 
 
 def param_name(path) -> str:
-  """The last dict key of a pytree path: 'kernel', 'bias', 'scale', 'embedding'."""
-  return str([k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1])
+  """The last dict key of a pytree path: 'kernel', 'bias', 'scale', 'embedding'
+  (also for the '/'-joined names of a layer-grouped tree, `layer_groups.group`)."""
+  return str([k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]).rsplit("/", 1)[-1]
 
 
 def _decay_mask(params):

@@ -11,6 +11,7 @@ from flax import nnx
 from amos_jax.model import rng as rng_lib
 from amos_jax.model.partitioning import constrain
 from amos_jax.train import sharding as shd
+from amos_jax.train.layer_groups import group, group_opt_state, ungroup, ungroup_opt_state
 from amos_jax.train.state import (TrainState, apply_learning_rate, create_train_state,
                                   learning_rate_schedule, make_optimizer)
 
@@ -91,10 +92,14 @@ def make_train_step(graphdef, objective, tx):
   def train_step(state: TrainState, batch):
     learning_rate = schedule(state.step)
     grads, metrics = gradients(state.params, batch, step_rng(seed, state.step, impl))
+    # The update runs on layer-stacked trees (one array per layer parameter): the same
+    # arithmetic in a program that does not grow with depth (layer_groups).
+    old_params, old_opt = group(state.params), group_opt_state(state.opt_state)
+    grads = group(grads)
     grad_norm = optax.tree.norm(grads)
-    direction, opt_state = tx.update(grads, state.opt_state, state.params)
+    direction, opt_state = tx.update(grads, old_opt, old_params)
     updates = apply_learning_rate(direction, learning_rate)
-    params = optax.apply_updates(state.params, updates)
+    params = optax.apply_updates(old_params, updates)
     # Non-finite guard: a step whose gradients (or updates: an overflowing learning
     # rate) are not finite changes nothing but the counters.
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
@@ -102,8 +107,8 @@ def make_train_step(graphdef, objective, tx):
     metrics = dict(metrics, grad_norm=grad_norm, learning_rate=learning_rate,
                    skipped=(~finite).astype(jnp.float32))
     new_state = TrainState(
-        step=state.step + 1, params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
+        step=state.step + 1, params=ungroup(keep(params, old_params), state.params),
+        opt_state=ungroup_opt_state(keep(opt_state, old_opt), state.opt_state),
         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
     return new_state, metrics
 
@@ -130,7 +135,8 @@ def jit_train_step(graphdef, objective, tx, state_shardings, batch_sharding, mes
   program the trainer runs and `--compile_only` compiles ahead of time."""
   return jax.jit(make_train_step(graphdef, objective, tx),
                  in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
+                 out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0,
+                 compiler_options=shd.compiler_options(mesh))
 
 
 class Trainer(NamedTuple):
