@@ -293,11 +293,16 @@ def test_layer_grouped_update_equals_the_per_layer_update():
   batch = random_batch(jax.random.key(0), 8, 32, 64, pad_tail=3)
   after, _ = jax.jit(make_train_step(graphdef, objective, tx))(state, batch)
 
-  key = rng_lib.per_row(step_rng(c.train.seed, 0), jnp.arange(8, dtype=jnp.int32))
-  grads = jax.grad(lambda p: objective.loss(
-      nnx.merge(graphdef, p), batch, objective.loss_counts(batch), key, True)[0])(state.params)
-  direction, opt_state = tx.update(grads, state.opt_state, state.params)
-  expected = optax.apply_updates(state.params, jax.tree.map(lambda d: -0.01 * d, direction))
+  @jax.jit
+  def per_layer_update(state):
+    key = rng_lib.per_row(step_rng(c.train.seed, 0), jnp.arange(8, dtype=jnp.int32))
+    grads = jax.grad(lambda p: objective.loss(
+        nnx.merge(graphdef, p), batch, objective.loss_counts(batch), key, True)[0])(
+            state.params)
+    direction, opt_state = tx.update(grads, state.opt_state, state.params)
+    return optax.apply_updates(state.params, jax.tree.map(lambda d: -0.01 * d, direction)), opt_state
+
+  expected, opt_state = per_layer_update(state)
   for got, want in ((after.params, expected), (after.opt_state, opt_state)):
     for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
       np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
