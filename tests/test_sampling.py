@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from scipy import stats
 
@@ -46,15 +47,18 @@ def test_gumbel_max_sampling_follows_the_softmax():
   np.testing.assert_allclose(counts, [0.1, 0.6, 0.3], atol=0.015)
 
 
-def test_inverse_cdf_sampling_follows_the_tempered_softmax():
+@pytest.mark.parametrize("block", [2, 3, 256])
+def test_inverse_cdf_sampling_follows_the_tempered_softmax(block):
   """ELECTRA's default sampler draws from softmax(logits / T): a chi-square test on
-  40,000 draws at T = 2 (an off-by-one index or a missing temperature fails it), and
-  a zero-probability word is never drawn."""
+  40,000 draws at T = 2 (an off-by-one index, a wrong block offset or a missing
+  temperature fails it), and a zero-probability word is never drawn. Blocks of 2
+  and 3 words split the 5-word vocabulary (with padding); 256 holds it whole."""
   p = np.array([0.05, 0.4, 0.0, 0.25, 0.3])
   logits = jnp.log(jnp.asarray(p, jnp.float32))        # -inf for the impossible word
   t = 2.0
   n = 40000
-  draws = np.asarray(inverse_cdf_sample(jax.random.key(0), jnp.broadcast_to(logits, (n, 5)), t))
+  draws = np.asarray(inverse_cdf_sample(jax.random.key(0), jnp.broadcast_to(logits, (n, 5)), t,
+                                        block=block))
   counts = np.bincount(draws, minlength=5)
   assert counts[2] == 0
   q = p ** (1 / t) / (p ** (1 / t)).sum()
@@ -69,12 +73,14 @@ def test_inverse_cdf_sampling_is_per_row_deterministic():
   accumulation draws what the whole batch draws)."""
   logits = jax.random.normal(jax.random.key(1), (6, 3, 50)) * 3
   keys = rng_lib.per_row(jax.random.key(7), jnp.arange(6))
-  whole = inverse_cdf_sample(keys, logits)
+  whole = inverse_cdf_sample(keys, logits, block=16)
   for i in range(6):
-    np.testing.assert_array_equal(whole[i], inverse_cdf_sample(keys[i:i + 1], logits[i:i + 1])[0])
-  # A near one-hot row always gives its word.
-  sure = jnp.zeros((4, 50)).at[:, 17].set(100.0)
-  np.testing.assert_array_equal(inverse_cdf_sample(jax.random.key(3), sure), 17)
+    np.testing.assert_array_equal(
+        whole[i], inverse_cdf_sample(keys[i:i + 1], logits[i:i + 1], block=16)[0])
+  # A near one-hot row always gives its word, in any block.
+  for word in (0, 17, 49):
+    sure = jnp.zeros((4, 50)).at[:, word].set(100.0)
+    np.testing.assert_array_equal(inverse_cdf_sample(jax.random.key(3), sure, block=16), word)
 
 
 def test_straight_through_gradient_is_the_tempered_softmax_jacobian():
