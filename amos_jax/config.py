@@ -180,6 +180,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
     raise ConfigError(f"train.grad_accum_steps={t.grad_accum_steps} must be >= 1")
   if t.learning_rate <= 0:
     raise ConfigError(f"train.learning_rate={t.learning_rate} must be > 0")
+  for key in ("b1", "b2"):
+    if not 0 <= t[key] < 1:
+      raise ConfigError(f"train.{key}={t[key]} must be in [0, 1) (Adam's moment decay; "
+                        "BERT and ELECTRA use b1=0.9, b2=0.999)")
+  if t.eps <= 0:
+    raise ConfigError(f"train.eps={t.eps} must be > 0 (Adam's denominator term)")
   if t.schedule not in ("linear", "cosine"):
     raise ConfigError(f"train.schedule={t.schedule!r}: use 'linear' or 'cosine'")
   if not 0.0 <= float(t.get("warmup_fraction", 0.0)) <= 1.0:

@@ -29,6 +29,10 @@ def _edit(c, path, value):
     ("train.grad_accum_steps", 3, 1, "not divisible by train.grad_accum_steps=3"),
     ("mesh.fsdp", -1, 1, "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1"),
     ("objective.embedding_sharing", "some", 1, "objective.embedding_sharing='some'"),
+    ("train.b2", 1.98, 1, "train.b2=1.98 must be in [0, 1)"),
+    ("train.b1", -0.1, 1, "train.b1=-0.1 must be in [0, 1)"),
+    ("train.eps", 0.0, 1, "train.eps=0.0 must be > 0"),
+    ("objective.sampler", "greedy", 1, "objective.sampler='greedy'"),
 ])
 def test_validate_names_the_field(field, value, devices, message):
   c = tiny_config("electra")

