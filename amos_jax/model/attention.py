@@ -17,6 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from amos_jax.model import ops
 from amos_jax.model import rng as rng_lib
 
 log = logging.getLogger("amos_jax")
@@ -92,11 +93,8 @@ def dot_product_attention(q, k, v, mask, bias=None, *, dropout_rate=0.0,
     logits = jnp.einsum("btnd,bsnd->bnts", q, k).astype(jnp.float32) * scale
     if bias is not None:
       logits = logits + bias
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    keep, keep_scale = rng_lib.dropout_keep(dropout_rng, dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs * keep_scale, 0.0).astype(v.dtype)
-    return jnp.einsum("bnts,bsnd->btnd", probs, v)
+    keep, keep_scale = rng_lib.dropout_keep(dropout_rng, dropout_rate, logits.shape)
+    return ops.dropout_attention(logits, v, mask, keep, keep_scale)
   if bias is not None:
     bias = bias.astype(q.dtype)
   return jax.nn.dot_product_attention(

@@ -18,6 +18,7 @@ from flax import nnx
 
 from amos_jax.model.attention import (dot_product_attention, relative_position_buckets,
                                       segment_attention_mask)
+from amos_jax.model import ops
 from amos_jax.model import rng as rng_lib
 from amos_jax.model.partitioning import constrain, with_logical_axes
 
@@ -91,8 +92,16 @@ def dense(cfg: EncoderConfig, d_in: int, d_out: int, axes, rngs: nnx.Rngs,
       bias_init=with_logical_axes(nnx.initializers.zeros, (axes[-1],)), rngs=rngs)
 
 
-def layer_norm(cfg: EncoderConfig, dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(
+class LayerNorm(nnx.LayerNorm):
+  """`nnx.LayerNorm`'s parameters (same names), computed by `ops.layer_norm`."""
+
+  def __call__(self, x):
+    return ops.layer_norm(x.astype(self.dtype or x.dtype), self.scale[...],
+                          self.bias[...], self.epsilon)
+
+
+def layer_norm(cfg: EncoderConfig, dim: int, rngs: nnx.Rngs) -> LayerNorm:
+  return LayerNorm(
       dim, epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
       scale_init=with_logical_axes(nnx.initializers.ones, ("norm",)),
       bias_init=with_logical_axes(nnx.initializers.zeros, ("norm",)), rngs=rngs)
@@ -205,7 +214,7 @@ class Intermediate(nnx.Module):
 
   def __call__(self, x):
     # Exact (erf) GELU, as BERT and ELECTRA use.
-    return constrain(jax.nn.gelu(self.dense(x), approximate=False),
+    return constrain(ops.gelu(self.dense(x)),
                      ("batch", "seq", "mlp"))
 
 
