@@ -16,6 +16,7 @@ import logging
 import sys
 from typing import Callable
 
+from amos_jax import hostmem
 from amos_jax.errors import AmosError, ConfigError, one_line
 
 
@@ -128,8 +129,16 @@ def _compile_only(loop, config) -> None:
   print(aot.format_memory_report(report))
 
 
+def from_command_line(argv: list[str] | None) -> list[str]:
+  """argv, or the command line's arguments after re-executing it with huge pages."""
+  if argv is None:
+    hostmem.use_huge_pages()
+    return sys.argv[1:]
+  return argv
+
+
 def train_main(argv: list[str] | None = None) -> None:
-  argv = sys.argv[1:] if argv is None else argv
+  argv = from_command_line(argv)
   sys.exit(run_command(lambda: _train(argv)))
 
 
@@ -139,6 +148,7 @@ def prepare_main(argv: list[str] | None = None) -> None:
 
 
 def bench_main(argv: list[str] | None = None) -> None:
+  argv = from_command_line(argv)
   from amos_jax.train import bench
   sys.exit(run_command(lambda: bench.main(argv)))
 

@@ -25,7 +25,7 @@ import tempfile
 import numpy as np
 
 from amos_jax import paths
-from amos_jax.cli import run_command
+from amos_jax.cli import from_command_line, run_command
 from amos_jax.errors import ConfigError
 from amos_jax.eval import metrics as metrics_lib
 
@@ -249,12 +249,14 @@ def run_eval(argv=None) -> int:
 
 
 def eval_main(argv=None) -> int:
+  argv = from_command_line(argv)
   return run_command(lambda: run_eval(argv))
 
 
 # ----------------------------------------------------------------- amos-index
 def index_main(argv=None) -> int:
   """amos-index build|query|recall (amos_jax/eval/index_cli.py)."""
+  argv = from_command_line(argv)
   from amos_jax.eval.index_cli import run_index
   return run_command(lambda: run_index(argv))
 
