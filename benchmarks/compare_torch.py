@@ -99,4 +99,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  from amos_jax import hostmem
+  hostmem.use_huge_pages()  # as the amos-* commands run (amos_jax/hostmem.py)
   main()
