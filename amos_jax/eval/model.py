@@ -301,7 +301,10 @@ def _pooled_fn(model: EmbeddingModel, layers: tuple[int, ...], pooling: str):
   key = (layers, pooling)
   if key in model._fns:
     return model._fns[key]
-  graphdef = model.graphdef
+  # Layers unrolled: a forward pass under scan would stack every layer's parameters
+  # (a copy of the whole encoder) and zero-fill stacked outputs on each call, about
+  # a third of a MiniLM batch on CPU; forward-only programs compile fast unrolled.
+  graphdef = _bare_encoder(dataclasses.replace(model.config, scan_layers=False))[0]
   pool = mean_pool if pooling == "mean" else cls_pool
 
   def fn(params, ids, seg):
