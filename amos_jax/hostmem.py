@@ -1,12 +1,12 @@
 """Transparent huge pages for the host memory XLA's CPU backend works in.
 
 XLA's CPU runtime takes its activation and temporary buffers from the C library's
-malloc. A train step touches gigabytes of them, and with 4 KiB pages the step
-spends a measurable part of its time in TLB misses and page faults (about 470,000
-page faults per ELECTRA-small step at batch 32 x 128). glibc (2.35 and later) can
-back the memory it maps with transparent huge pages (2 MiB), but only if told so
-when the process starts (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`): the step then
-runs about 10% faster (BENCHMARKS.md, "Host memory"). The command-line tools call
+malloc. A train step touches gigabytes of them (about 466,000 fresh 4 KiB pages per
+ELECTRA-small step at batch 32 x 128), and with 4 KiB pages it loses a measurable
+part of its time to TLB misses. glibc (2.35 and later) can back the memory it maps
+with transparent huge pages (2 MiB), but only if told so when the process starts
+(`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`): the step then runs about 10% faster
+(BENCHMARKS.md, "Latest", huge pages). The command-line tools call
 `use_huge_pages()` first thing, which re-executes the same command once with the
 tunable added to the environment. `AMOS_JAX_HUGE_PAGES=0` turns this off; an
 explicit `glibc.malloc.hugetlb` setting in GLIBC_TUNABLES is left as it is.
