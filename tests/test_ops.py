@@ -32,12 +32,13 @@ def _ref_dropout_attention(logits, v, mask, keep, keep_scale):
   return jnp.einsum("bnts,bsnd->btnd", probs, v)
 
 
-def _check_grads(f, ref, args, argnums, cotangent_key=3):
-  """Values and VJPs of f and ref agree for a random cotangent."""
-  y, vjp = jax.vjp(lambda *a: f(*a), *[args[i] for i in argnums])
-  y_ref, vjp_ref = jax.vjp(lambda *a: ref(*a), *[args[i] for i in argnums])
+def _check_grads(f, ref, *args):
+  """Values and VJPs (with respect to every argument) of f and ref agree for a
+  random cotangent."""
+  y, vjp = jax.vjp(f, *args)
+  y_ref, vjp_ref = jax.vjp(ref, *args)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-  g = jax.random.normal(jax.random.key(cotangent_key), y.shape)
+  g = jax.random.normal(jax.random.key(3), y.shape)
   for got, want in zip(vjp(g), vjp_ref(g)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
@@ -48,12 +49,12 @@ def test_layer_norm_values_and_gradients_match_autodiff():
   scale = 1.0 + 0.1 * jax.random.normal(k[1], (16,))
   bias = 0.1 * jax.random.normal(k[2], (16,))
   _check_grads(lambda x, s, b: ops.layer_norm(x, s, b, 1e-12),
-               lambda x, s, b: _ref_layer_norm(x, s, b, 1e-12), (x, scale, bias), (0, 1, 2))
+               lambda x, s, b: _ref_layer_norm(x, s, b, 1e-12), x, scale, bias)
 
 
 def test_gelu_values_and_gradients_match_autodiff():
   x = jnp.linspace(-6.0, 6.0, 241).reshape(1, 241)
-  _check_grads(ops.gelu, _ref_gelu, (x,), (0,))
+  _check_grads(ops.gelu, _ref_gelu, x)
 
 
 @pytest.mark.parametrize("fully_masked_row", [False, True])
@@ -70,7 +71,7 @@ def test_dropout_attention_values_and_gradients_match_autodiff(fully_masked_row)
   keep = jax.random.bernoulli(k[2], 0.8, (b, n, t, t))
   f = lambda lg, v: ops.dropout_attention(lg, v, mask, keep, 1.25)
   ref = lambda lg, v: _ref_dropout_attention(lg, v, mask, keep, 1.25)
-  _check_grads(f, ref, (logits, v), (0, 1))
+  _check_grads(f, ref, logits, v)
 
 
 def _residual_bytes(f, *args):
