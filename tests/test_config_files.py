@@ -21,7 +21,7 @@ from flax import nnx
 
 from amos_jax import config as config_lib
 from amos_jax.objectives import get_objective
-from amos_jax.train.state import TrainState, make_optimizer
+from amos_jax.train.state import TrainState, make_optimizer, stack_state
 from amos_jax.train.step import make_train_step
 from tests.helpers import fast_compile, random_batch
 from tests.train_helpers import ROOT
@@ -75,8 +75,9 @@ def test_config_builds_and_takes_one_train_step(spec):
                                nnx.Param)
   # The step at the end of warm-up: the config's peak learning rate.
   peak_step = config_lib.warmup_steps(config.train)
-  state = TrainState(step=jnp.asarray(peak_step, jnp.int32), params=params,
-                     opt_state=tx.init(params), nonfinite_streak=jnp.zeros((), jnp.int32))
+  state = stack_state(TrainState(
+      step=jnp.asarray(peak_step, jnp.int32), params=params, opt_state=tx.init(params),
+      nonfinite_streak=jnp.zeros((), jnp.int32)))
   batch = random_batch(jax.random.key(0), 4, 32, 64, pad_tail=4)
   key = json.dumps(config.to_dict(), sort_keys=True, default=str)
   if key not in _compiled:

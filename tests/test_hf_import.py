@@ -219,7 +219,7 @@ def test_continued_mlm_pretraining_of_minilm_lowers_held_out_loss():
   from amos_jax import config as config_lib
   from amos_jax.data import corpus, sequences
   from amos_jax.data.tokenizer import load_tokenizer
-  from amos_jax.train.state import TrainState, make_optimizer
+  from amos_jax.train.state import TrainState, make_optimizer, stack_state
   from amos_jax.train.step import make_eval_step, make_train_step
   path = minilm_path()
   config = config_lib.load_config_file(f"configs/continue.py:mlm,{path}")
@@ -245,8 +245,9 @@ def test_continued_mlm_pretraining_of_minilm_lowers_held_out_loss():
   assert objective.masking.mask_id == tok.mask_id  # WordPiece's [MASK], not ours
   graphdef, params, report = _import(path, config, tokens)
   tx = make_optimizer(config.train)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     opt_state=tx.init(params), nonfinite_streak=jnp.zeros((), jnp.int32))
+  state = stack_state(TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                 opt_state=tx.init(params),
+                                 nonfinite_streak=jnp.zeros((), jnp.int32)))
   train_step = jax.jit(make_train_step(graphdef, objective, tx))
   eval_step = jax.jit(make_eval_step(graphdef, objective))
   held_out = batches(eval_docs, 1)

@@ -25,6 +25,7 @@ from amos_jax.objectives import get_objective
 from amos_jax.objectives.base import Objective
 from amos_jax.train import sharding as shd
 from amos_jax.train.state import create_train_state, learning_rate_schedule, make_optimizer
+from amos_jax.train.layer_groups import ungroup
 from amos_jax.train.step import make_train_step, step_rng
 from tests.helpers import fast_compile, tiny_config
 
@@ -150,7 +151,7 @@ def _reference_grads(graphdef, params_like, flat, batch):
   leaves = [jnp.asarray(flat[k], jnp.float32) for k in _names(params_like)]
   params = jax.tree.unflatten(jax.tree.structure(params_like), leaves)
   grad = jax.grad(lambda p: jnp.mean(
-      (nnx.merge(graphdef, p)(batch["input_ids"]) - batch["target"]) ** 2))(params)
+      (nnx.merge(graphdef, ungroup(p))(batch["input_ids"]) - batch["target"]) ** 2))(params)
   return _names(grad)
 
 
@@ -275,13 +276,15 @@ def test_real_model_decays_all_but_biases_and_layernorm_scales():
           ("word_embeddings_delta", True)} <= kinds, kinds
 
 
-def test_layer_grouped_update_equals_the_per_layer_update():
-  """The step updates layer-stacked trees (`layer_groups`); the result must be the
+def test_layer_stacked_update_equals_the_per_layer_update():
+  """The train state is layer-stacked (`layer_groups`); one step must be the
   per-layer AdamW update, leaf for leaf, parameters and both moments (a wrong
   ungroup order, or a decay mask that misreads the grouped names, breaks it). The
-  grouped tree's size does not grow with depth."""
+  stacked tree's size does not grow with depth, and checkpoints' per-layer form
+  round-trips."""
   from amos_jax.model import rng as rng_lib
-  from amos_jax.train.layer_groups import group, ungroup
+  from amos_jax.train.layer_groups import group
+  from amos_jax.train.state import per_layer_state, stack_state
   from tests.helpers import random_batch
   c = tiny_config("electra", num_layers=3)
   c.train.update(warmup_steps=0, learning_rate=0.01, weight_decay=0.1)
@@ -293,25 +296,34 @@ def test_layer_grouped_update_equals_the_per_layer_update():
   batch = random_batch(jax.random.key(0), 8, 32, 64, pad_tail=3)
   after, _ = jax.jit(make_train_step(graphdef, objective, tx))(state, batch)
 
+  per_layer = per_layer_state(state)
+  per_layer_tx_state = tx.init(per_layer.params)   # optax on the per-layer tree
+
   @jax.jit
-  def per_layer_update(state):
+  def per_layer_update(params, opt_state):
     key = rng_lib.per_row(step_rng(c.train.seed, 0), jnp.arange(8, dtype=jnp.int32))
     grads = jax.grad(lambda p: objective.loss(
-        nnx.merge(graphdef, p), batch, objective.loss_counts(batch), key, True)[0])(
-            state.params)
-    direction, opt_state = tx.update(grads, state.opt_state, state.params)
-    return optax.apply_updates(state.params, jax.tree.map(lambda d: -0.01 * d, direction)), opt_state
+        nnx.merge(graphdef, p), batch, objective.loss_counts(batch), key, True)[0])(params)
+    direction, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, jax.tree.map(lambda d: -0.01 * d, direction)), opt_state
 
-  expected, opt_state = per_layer_update(state)
-  for got, want in ((after.params, expected), (after.opt_state, opt_state)):
-    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
-      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  expected = per_layer_update(per_layer.params, per_layer_tx_state)
+  got = per_layer_state(after)
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path((got.params, got.opt_state))[0],
+                          jax.tree.leaves(expected)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
-  grouped = group(state.params)
+  grouped = state.params
   assert "discriminator/encoder/layer/*/attention/self/query/kernel" in grouped
   assert grouped["discriminator/encoder/layer/*/attention/self/query/kernel"].shape[0] == 3
-  jax.tree.map(np.testing.assert_array_equal, ungroup(grouped, state.params), state.params)
+  again = stack_state(per_layer)
+  jax.tree.map(np.testing.assert_array_equal, again, state)
+  assert jax.tree.structure(again) == jax.tree.structure(state)
+  # Layer i of the per-layer form is row i of the stacked array.
+  np.testing.assert_array_equal(
+      per_layer.params["discriminator"]["encoder"]["layer"][2]["attention"]["self"]["query"]["kernel"][...],
+      grouped["discriminator/encoder/layer/*/attention/self/query/kernel"][2])
   deeper = tiny_config("electra", num_layers=5)
   _, deeper_params = jax.eval_shape(lambda: nnx.split(
       get_objective(deeper).build_model(nnx.Rngs(0)), nnx.Param))
-  assert len(jax.eval_shape(group, deeper_params)) == len(grouped) < len(jax.tree.leaves(state.params))
+  assert len(jax.eval_shape(group, deeper_params)) == len(grouped) < len(jax.tree.leaves(per_layer.params))

@@ -14,7 +14,7 @@ _SCRIPT = textwrap.dedent("""
     from amos_jax.model.partitioning import axis_rules
     from amos_jax.objectives import get_objective
     from amos_jax.train import sharding as shd
-    from amos_jax.train.state import create_train_state, make_optimizer
+    from amos_jax.train.state import CheckpointForm, create_train_state, make_optimizer
     from amos_jax.train.step import make_train_step
     from tests.helpers import random_batch, tiny_config
 
@@ -38,12 +38,15 @@ _SCRIPT = textwrap.dedent("""
           b = jax.device_put(b, batch_sh)
           state, m = step(state, b)
           losses.append(float(m["loss"]))
-      p = state.params["discriminator"]["encoder"]["layer"][0]["intermediate"]["dense"]
-      k = p["kernel"][...]
-      m1 = optax.tree.get(state.opt_state, "mu")["discriminator"]["encoder"]["layer"][0]["intermediate"]["dense"]["kernel"][...]
+      name = "discriminator/encoder/layer/*/intermediate/dense/kernel"
+      k, m1 = state.params[name], optax.tree.get(state.opt_state, "mu")[name]
+      # The per-layer form that checkpoints hold: layer 0 of the stacked arrays.
+      saved = CheckpointForm(obj, mesh, tx).to_checkpoint(state)
+      k0 = saved.params["discriminator"]["encoder"]["layer"][0]["intermediate"]["dense"]["kernel"][...]
       out[str(shape)] = dict(losses=losses, spec=str(k.sharding.spec),
                              shard=list(k.addressable_shards[0].data.shape),
-                             mu_spec=str(m1.sharding.spec))
+                             mu_spec=str(m1.sharding.spec), saved_spec=str(k0.sharding.spec),
+                             saved_shard=list(k0.addressable_shards[0].data.shape))
     print(json.dumps(out))
 """)
 
@@ -61,10 +64,14 @@ def test_losses_equal_across_meshes_and_params_sharded():
     assert abs(o["losses"][0] - ref[0]) < 1e-5 * abs(ref[0]), (shape, o["losses"], ref)
     for a, b in zip(o["losses"], ref):
       assert abs(a - b) < 1e-4 * abs(b), (shape, o["losses"], ref)
-  # intermediate.dense.kernel is (embed=32, mlp=64): embed -> fsdp, mlp -> tensor.
-  assert out["(2, 2, 2)"]["spec"] == "P('fsdp', 'tensor')"
-  assert out["(2, 2, 2)"]["shard"] == [16, 32]
-  assert out["(1, 4, 2)"]["shard"] == [8, 32]
-  assert out["(8, 1, 1)"]["shard"] == [32, 64]
+  # intermediate.dense.kernel is (embed=32, mlp=64): embed -> fsdp, mlp -> tensor;
+  # stacked (layers=1, 32, 64), the layer axis unsplit.
+  assert out["(2, 2, 2)"]["spec"] == "P(None, 'fsdp', 'tensor')"
+  assert out["(2, 2, 2)"]["shard"] == [1, 16, 32]
+  assert out["(1, 4, 2)"]["shard"] == [1, 8, 32]
+  assert out["(8, 1, 1)"]["shard"] == [1, 32, 64]
   # Adam's moments are sharded like their parameters.
-  assert out["(1, 4, 2)"]["mu_spec"] == "P('fsdp', 'tensor')"
+  assert out["(1, 4, 2)"]["mu_spec"] == "P(None, 'fsdp', 'tensor')"
+  # The checkpoint form's per-layer kernel is sharded as the rules say.
+  assert out["(2, 2, 2)"]["saved_spec"] == "P('fsdp', 'tensor')"
+  assert out["(1, 4, 2)"]["saved_shard"] == [8, 32]

@@ -1,19 +1,27 @@
-"""The optimizer sees one stacked array per layer parameter, not one per layer.
+"""The train state holds each layer parameter as one stacked array, not one per layer.
 
-Parameters, checkpoints and Hugging Face names stay per layer
-(`...encoder.layer.<i>.attention.self.query.kernel`), but inside the train step
-the update (clipping, Adam, weight decay, the non-finite guard) runs on trees
-whose per-layer leaves are stacked along a new leading axis:
-`...encoder.layer.*.attention.self.query.kernel` of shape (L, ...). The same
-arithmetic, element for element, in a program whose size no longer grows with
-depth: XLA emits one fused update per stacked leaf instead of one per layer, which
-is most of what made the step's compile time grow with depth.
+The model's parameters, checkpoints and Hugging Face names are per layer
+(`...encoder.layer.<i>.attention.self.query.kernel`). The trainer keeps them, and
+Adam's moments, as a `LayerStacked` tree instead: one (L, ...) array per layer
+parameter under `...encoder/layer/*/attention/self/query/kernel`, other
+parameters as they are. The step's update (clipping, Adam, weight decay, the
+non-finite guard) then runs on a tree whose size does not depend on depth, the
+scanned layers read the stacked arrays directly (XLA folds the per-layer view
+back into them), and the step's inputs and outputs are the same few arrays
+whatever the depth: the compiled program stops growing with the number of
+layers. `ungroup` gives the per-layer view: for `nnx.merge` inside the step, and
+for checkpoints and exports at the edges (`train.state.per_layer_state`).
 """
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 LAYER_LIST = "layer"   # the attribute holding an encoder's layers (HF's name)
 
@@ -34,45 +42,94 @@ def _key(path) -> tuple[str, int | None]:
   return "/".join(map(str, names)), None
 
 
-def group(tree) -> dict[str, jax.Array]:
-  """A parameter-shaped tree -> {name: array}, per-layer leaves stacked (L, ...).
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """Static: the per-layer tree's structure and where each of its leaves goes."""
+  treedef: Any                               # of the per-layer tree
+  slots: tuple[tuple[str, int | None], ...]  # per-layer leaf -> (group name, layer)
+  names: tuple[str, ...]                     # the groups, in the order of the leaves
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class LayerStacked:
+  """A parameter-shaped tree grouped by layer: {name: array}, per-layer leaves
+  stacked to (L, ...). A pytree (optax, jit and shardings see its arrays, keyed by
+  name) that remembers the per-layer structure, so `ungroup` needs nothing else.
 
   Names end with the parameter's own name ('.../kernel', '.../bias'), so masks
-  keyed by it (weight decay) read the grouped tree as they read the original.
+  keyed by it (weight decay) read the grouped tree as they read the per-layer one.
   """
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  singles, layers = {}, {}
-  for path, leaf in leaves:
-    name, index = _key(path)
-    if index is None:
-      singles[name] = leaf
-    else:
-      layers.setdefault(name, {})[index] = leaf
-  for name, by_index in layers.items():
-    singles[name] = jnp.stack([by_index[i] for i in range(len(by_index))])
-  return singles
+
+  def __init__(self, arrays: dict[str, Any], layout: _Layout):
+    self.arrays, self.layout = arrays, layout
+
+  def tree_flatten_with_keys(self):
+    return [(jax.tree_util.DictKey(n), self.arrays[n]) for n in self.layout.names], self.layout
+
+  @classmethod
+  def tree_unflatten(cls, layout, children):
+    return cls(dict(zip(layout.names, children)), layout)
+
+  def __getitem__(self, name: str):
+    return self.arrays[name]
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.arrays
+
+  def __len__(self) -> int:
+    return len(self.arrays)
+
+  def __repr__(self) -> str:
+    return f"LayerStacked({list(self.layout.names)})"
 
 
-def ungroup(grouped: dict[str, jax.Array], like):
-  """The inverse of `group`: a tree with `like`'s structure."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
-  out = []
-  for path, _ in leaves:
-    name, index = _key(path)
-    out.append(grouped[name] if index is None else grouped[name][index])
-  return jax.tree_util.tree_unflatten(treedef, out)
+def group(tree, stack: Callable[[list], Any] = jnp.stack) -> LayerStacked:
+  """A per-layer tree -> `LayerStacked`, each layer parameter's leaves stacked.
+
+  stack: combines one parameter's per-layer leaves in layer order (default
+  `jnp.stack`; `stack_shardings` passes its own for a tree of shardings).
+  """
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  slots = tuple(_key(path) for path, _ in leaves)
+  by_name: dict[str, dict[int | None, Any]] = {}
+  for (name, index), (_, leaf) in zip(slots, leaves):
+    by_name.setdefault(name, {})[index] = leaf
+  arrays = {name: (by_index[None] if None in by_index
+                   else stack([by_index[i] for i in range(len(by_index))]))
+            for name, by_index in by_name.items()}
+  return LayerStacked(arrays, _Layout(treedef, slots, tuple(by_name)))
+
+
+def ungroup(grouped: LayerStacked):
+  """The inverse of `group`: the per-layer tree."""
+  layout = grouped.layout
+  return jax.tree_util.tree_unflatten(layout.treedef, [
+      grouped[name] if index is None else grouped[name][index]
+      for name, index in layout.slots])
 
 
 def _is_state(x) -> bool:
   return isinstance(x, nnx.State)
 
 
-def group_opt_state(opt_state):
+def _is_grouped(x) -> bool:
+  return isinstance(x, LayerStacked)
+
+
+def group_opt_state(opt_state, stack: Callable[[list], Any] = jnp.stack):
   """Each parameter-shaped State inside an optax state grouped; counters as they are."""
-  return jax.tree.map(lambda x: group(x) if _is_state(x) else x, opt_state,
+  return jax.tree.map(lambda x: group(x, stack) if _is_state(x) else x, opt_state,
                       is_leaf=_is_state)
 
 
-def ungroup_opt_state(grouped, like):
-  return jax.tree.map(lambda l, g: ungroup(g, l) if _is_state(l) else g, like, grouped,
-                      is_leaf=_is_state)
+def ungroup_opt_state(grouped):
+  """The inverse of `group_opt_state`."""
+  return jax.tree.map(lambda x: ungroup(x) if _is_grouped(x) else x, grouped,
+                      is_leaf=_is_grouped)
+
+
+def stacked_sharding(shardings: list[NamedSharding]) -> NamedSharding:
+  """The sharding of one stacked leaf from its layers' (all alike): the layer
+  axis is not split, each device holds its shard of every layer."""
+  s = shardings[0]
+  return NamedSharding(s.mesh, P(None, *s.spec))

@@ -26,7 +26,8 @@ from amos_jax.train import checkpoint as ckpt
 from amos_jax.train import sharding as shd
 from amos_jax.train import workdir as workdir_lib
 from amos_jax.train.metrics import MetricsWriter
-from amos_jax.train.state import abstract_state, abstract_train_state, make_optimizer
+from amos_jax.train.layer_groups import group, ungroup
+from amos_jax.train.state import CheckpointForm, abstract_train_state, make_optimizer
 from amos_jax.train.step import build_trainer, jit_train_step, make_eval_step
 
 log = logging.getLogger("amos_jax")
@@ -61,7 +62,7 @@ def _any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
 
 
-def init_from(objective, state):
+def init_from(objective, state, params_shardings):
   """Replaces the fresh parameters with those of `config.init_from` (hf:PATH).
 
   Parameters the checkpoint lacks (e.g. heads) keep their initialization and are
@@ -73,10 +74,10 @@ def init_from(objective, state):
   if not config.init_from.startswith("hf:"):
     raise ConfigError(
         f"init_from={config.init_from!r}: use hf:PATH (a Hugging Face model folder)")
-  params, report = init_params_from_hf(config.init_from, state.params, objective)
+  params, report = init_params_from_hf(config.init_from, ungroup(state.params), objective)
   if jax.process_index() == 0:
     log.info(format_report(report))
-  return state.replace(params=params)
+  return state.replace(params=jax.jit(group, out_shardings=params_shardings)(params))
 
 
 def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False) -> dict:
@@ -116,17 +117,20 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
              n_params / 1e6, dict(mesh.shape))
 
   # ---------------------------------------------------------------- restore
-  # The abstract target carries this run's shardings: a checkpoint written on
-  # another mesh is resharded as it is read.
+  # Checkpoints hold the per-layer form (names as in the model). The abstract
+  # target carries this run's shardings: a checkpoint written on another mesh is
+  # resharded as it is read, then stacked into the trainer's form.
   manager = ckpt.make_manager(workdir, config)
-  step, restored = ckpt.restore(manager, abstract_state(state_sh, state), data.iterator)
+  form = CheckpointForm(objective, mesh, trainer.tx)
+  step, restored = ckpt.restore(manager, form.abstract, data.iterator)
   if restored is not None:
-    state = restored
+    state = form.from_checkpoint(restored)
+    del restored
     if primary:
       log.info("resumed from checkpoint at step %d", step)
   elif config.get("init_from"):
     # ------------------------------------------------------------ init_from
-    state = init_from(objective, state)
+    state = init_from(objective, state, state_sh.params)
   start_step = int(jax.device_get(state.step))
   if start_step >= t.steps and primary:
     log.info("%s already holds step %d of train.steps=%d: nothing to train (to go on, "
@@ -157,7 +161,11 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     return writer.write(step, mean, prefix="eval_")
 
   def save(step, state, force=False):
-    return ckpt.save(manager, step, state, force=force, data_iterator=data.iterator)
+    # The per-layer copy is made only for a step that is saved.
+    if step in manager.all_steps() or not (force or manager.should_save(step)):
+      return False
+    return ckpt.save(manager, step, form.to_checkpoint(state), force=force,
+                     data_iterator=data.iterator)
 
   # ------------------------------------------------------------------- loop
   # TensorBoard drops events at or after purge_step: a resumed run replaces them.

@@ -11,13 +11,29 @@ from flax import nnx, struct
 from amos_jax import config as config_lib
 from amos_jax.errors import ConfigError
 from amos_jax.train import sharding as shd
+from amos_jax.train.layer_groups import (LayerStacked, group, group_opt_state,
+                                         stacked_sharding, ungroup, ungroup_opt_state)
 
 
 class TrainState(struct.PyTreeNode):
+  """The trainer's state. `params` and the parameter-shaped parts of `opt_state`
+  are layer-stacked (`layer_groups.LayerStacked`); `per_layer_state` gives the
+  per-layer form that checkpoints hold and `stack_state` the inverse."""
   step: jax.Array             # int32 scalar: optimizer steps taken
-  params: nnx.State
+  params: LayerStacked
   opt_state: Any
   nonfinite_streak: jax.Array  # int32: consecutive steps skipped for non-finite grads
+
+
+def stack_state(state: TrainState) -> TrainState:
+  """Per-layer parameters and moments (checkpoints, HF import) -> layer-stacked."""
+  return state.replace(params=group(state.params), opt_state=group_opt_state(state.opt_state))
+
+
+def per_layer_state(state: TrainState) -> TrainState:
+  """Layer-stacked -> per-layer: the form checkpoints hold, names as in the model."""
+  return state.replace(params=ungroup(state.params),
+                       opt_state=ungroup_opt_state(state.opt_state))
 
 
 def learning_rate_schedule(t) -> optax.Schedule:
@@ -80,7 +96,8 @@ def abstract_model(objective):
 
 
 def _init_and_shardings(objective, mesh, tx):
-  """(graphdef, init fn, abstract state, state shardings); traces the model once."""
+  """(graphdef, init fn, abstract state, state shardings, per-layer state
+  shardings); traces the model once."""
   config = objective.config
   graphdef, abstract_params = abstract_model(objective)
   params_sh = shd.param_shardings(abstract_params, mesh, config.sharding.rules)
@@ -89,24 +106,32 @@ def _init_and_shardings(objective, mesh, tx):
   def init():
     model = objective.build_model(nnx.Rngs(seed))
     _, params = nnx.split(model, nnx.Param)
+    params = group(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params),
                       nonfinite_streak=jnp.zeros((), jnp.int32))
 
   abstract = jax.eval_shape(init)
-  state_sh = TrainState(
+  per_layer = jax.eval_shape(per_layer_state, abstract)
+  per_layer_sh = TrainState(
       step=shd.replicated(mesh), params=params_sh,
-      opt_state=shd.opt_state_shardings(tx, abstract.opt_state, params_sh, mesh),
+      opt_state=shd.opt_state_shardings(tx, per_layer.opt_state, params_sh, mesh),
       nonfinite_streak=shd.replicated(mesh))
-  return graphdef, init, abstract, state_sh
+  # Each stacked leaf is sharded as its layers are, the layer axis unsplit; the
+  # shardings take the state's own tree structure (the same leaves, in order).
+  stacked_sh = per_layer_sh.replace(
+      params=group(params_sh, stacked_sharding),
+      opt_state=group_opt_state(per_layer_sh.opt_state, stacked_sharding))
+  state_sh = jax.tree.unflatten(jax.tree.structure(abstract), jax.tree.leaves(stacked_sh))
+  return graphdef, init, abstract, state_sh, per_layer_sh
 
 
 def create_train_state(objective, mesh, tx):
   """Builds the model and optimizer state already sharded on `mesh`.
 
-  Returns (graphdef, state, state_shardings).
+  Returns (graphdef, state, state_shardings); the state is layer-stacked.
   """
-  graphdef, init, _, state_sh = _init_and_shardings(objective, mesh, tx)
+  graphdef, init, _, state_sh, _ = _init_and_shardings(objective, mesh, tx)
   with jax.set_mesh(mesh):
     state = jax.jit(init, out_shardings=state_sh)()
   return graphdef, state, state_sh
@@ -117,8 +142,21 @@ def abstract_train_state(objective, mesh, tx):
 
   What `--compile_only` compiles against, on devices that need not exist.
   """
-  graphdef, _, abstract, state_sh = _init_and_shardings(objective, mesh, tx)
+  graphdef, _, abstract, state_sh, _ = _init_and_shardings(objective, mesh, tx)
   return graphdef, abstract_state(state_sh, abstract), state_sh
+
+
+class CheckpointForm:
+  """Moves the trainer's layer-stacked state to and from the per-layer form that
+  checkpoints hold (so checkpoints, their names and resharding are as before),
+  placed with the shardings of each form."""
+
+  def __init__(self, objective, mesh, tx):
+    _, _, abstract, self.stacked_shardings, self.shardings = _init_and_shardings(
+        objective, mesh, tx)
+    self.abstract = abstract_state(self.shardings, jax.eval_shape(per_layer_state, abstract))
+    self.to_checkpoint = jax.jit(per_layer_state, out_shardings=self.shardings)
+    self.from_checkpoint = jax.jit(stack_state, out_shardings=self.stacked_shardings)
 
 
 def abstract_state(state_shardings, state):

@@ -11,7 +11,7 @@ from flax import nnx
 from amos_jax.model import rng as rng_lib
 from amos_jax.model.partitioning import constrain
 from amos_jax.train import sharding as shd
-from amos_jax.train.layer_groups import group, group_opt_state, ungroup, ungroup_opt_state
+from amos_jax.train.layer_groups import ungroup
 from amos_jax.train.state import (TrainState, apply_learning_rate, create_train_state,
                                   learning_rate_schedule, make_optimizer)
 
@@ -68,7 +68,8 @@ def make_train_step(graphdef, objective, tx):
   accum = max(1, int(t.grad_accum_steps))
 
   def loss_fn(params, batch, counts, rng):
-    model = nnx.merge(graphdef, params)
+    # The per-layer view of the stacked arrays: XLA folds it into the layer scan.
+    model = nnx.merge(graphdef, ungroup(params))
     return objective.loss(model, batch, counts, rng, True)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -91,11 +92,10 @@ def make_train_step(graphdef, objective, tx):
 
   def train_step(state: TrainState, batch):
     learning_rate = schedule(state.step)
-    grads, metrics = gradients(state.params, batch, step_rng(seed, state.step, impl))
-    # The update runs on layer-stacked trees (one array per layer parameter): the same
-    # arithmetic in a program that does not grow with depth (layer_groups).
-    old_params, old_opt = group(state.params), group_opt_state(state.opt_state)
-    grads = group(grads)
+    # Parameters, gradients and moments are layer-stacked (layer_groups): the update
+    # is the same arithmetic in a program that does not grow with depth.
+    old_params, old_opt = state.params, state.opt_state
+    grads, metrics = gradients(old_params, batch, step_rng(seed, state.step, impl))
     grad_norm = optax.tree.norm(grads)
     direction, opt_state = tx.update(grads, old_opt, old_params)
     updates = apply_learning_rate(direction, learning_rate)
@@ -107,8 +107,8 @@ def make_train_step(graphdef, objective, tx):
     metrics = dict(metrics, grad_norm=grad_norm, learning_rate=learning_rate,
                    skipped=(~finite).astype(jnp.float32))
     new_state = TrainState(
-        step=state.step + 1, params=ungroup(keep(params, old_params), state.params),
-        opt_state=ungroup_opt_state(keep(opt_state, old_opt), state.opt_state),
+        step=state.step + 1, params=keep(params, old_params),
+        opt_state=keep(opt_state, old_opt),
         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
     return new_state, metrics
 
@@ -116,12 +116,13 @@ def make_train_step(graphdef, objective, tx):
 
 
 def make_eval_step(graphdef, objective):
-  """`eval_step(params, batch, index) -> metrics`, deterministic (no dropout)."""
+  """`eval_step(params, batch, index) -> metrics`, deterministic (no dropout);
+  params layer-stacked, as the train state holds them."""
   seed = objective.config.train.seed
   impl = objective.config.train.get("rng_impl", "threefry")
 
   def eval_step(params, batch, index):
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, ungroup(params))
     # Eval masks depend only on the eval batch index: every eval sees the same masks.
     rng = step_rng(seed + 1, index, impl)
     _, metrics = objective.loss(model, batch, objective.loss_counts(batch), rng, False)
@@ -141,10 +142,11 @@ def jit_train_step(graphdef, objective, tx, state_shardings, batch_sharding, mes
 
 class Trainer(NamedTuple):
   graphdef: Any
-  state: Any              # TrainState, sharded on the mesh
+  state: Any              # TrainState (layer-stacked), sharded on the mesh
   state_shardings: Any
   batch_sharding: Any
   train_step: Callable    # jitted, state donated
+  tx: Any                 # the optimizer
 
 
 def build_trainer(objective, mesh) -> Trainer:
@@ -154,4 +156,4 @@ def build_trainer(objective, mesh) -> Trainer:
   graphdef, state, state_sh = create_train_state(objective, mesh, tx)
   batch_sh = shd.batch_sharding(mesh, config.sharding.rules)
   step = jit_train_step(graphdef, objective, tx, state_sh, batch_sh, mesh)
-  return Trainer(graphdef, state, state_sh, batch_sh, step)
+  return Trainer(graphdef, state, state_sh, batch_sh, step, tx)
