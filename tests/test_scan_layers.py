@@ -113,3 +113,28 @@ def test_attention_impl_falls_back_to_xla_where_cudnn_cannot_run():
   assert resolve_implementation("xla", jnp.bfloat16, 64, platform="gpu") == "xla"
   with pytest.raises(ValueError, match="attention_impl"):
     resolve_implementation("flash", jnp.bfloat16, 64, platform="cpu")
+
+
+def _compiled_step_size(name: str, num_layers: int) -> int:
+  """HLO instructions in the compiled train step (the trainer's stacked state)."""
+  from amos_jax.train import sharding as shd
+  from amos_jax.train.state import create_train_state, make_optimizer
+  from amos_jax.train.step import make_train_step
+  c = tiny_config(name, num_layers=num_layers, hidden_dropout=0.1, attention_dropout=0.1)
+  c.mesh.update(data=1, fsdp=1, tensor=1)
+  objective = get_objective(c)
+  tx = make_optimizer(c.train)
+  graphdef, state, _ = create_train_state(
+      objective, shd.build_mesh(c.mesh, jax.devices()[:1]), tx)
+  batch = random_batch(jax.random.key(0), 4, 16, 64)
+  compiled = jax.jit(make_train_step(graphdef, objective, tx)).lower(state, batch).compile()
+  return sum(" = " in line for line in compiled.as_text().splitlines())
+
+
+@pytest.mark.parametrize("name", ["electra", "amos"])
+def test_compiled_step_does_not_grow_with_depth(name):
+  """With scanned layers and the layer-stacked state, the compiled step is one
+  program whatever the depth: 2 -> 6 layers adds a few instructions, not a copy of
+  the layer (per-layer state or indexed layer views add hundreds per layer)."""
+  small, deep = _compiled_step_size(name, 2), _compiled_step_size(name, 6)
+  assert deep - small <= 4 * 4, (small, deep)

@@ -101,10 +101,17 @@ def group(tree, stack: Callable[[list], Any] = jnp.stack) -> LayerStacked:
 
 
 def ungroup(grouped: LayerStacked):
-  """The inverse of `group`: the per-layer tree."""
+  """The inverse of `group`: the per-layer tree.
+
+  The layers come from one `jnp.unstack` per stacked leaf, whose gradient is one
+  concatenation: XLA folds it into the scan's stacked gradient. Indexing layer by
+  layer instead would add a padded full-size gradient per layer.
+  """
   layout = grouped.layout
+  layers = {name: jnp.unstack(grouped[name]) for name, index in layout.slots
+            if index == 0}
   return jax.tree_util.tree_unflatten(layout.treedef, [
-      grouped[name] if index is None else grouped[name][index]
+      grouped[name] if index is None else layers[name][index]
       for name, index in layout.slots])
 
 
