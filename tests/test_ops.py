@@ -74,6 +74,14 @@ def test_dropout_attention_values_and_gradients_match_autodiff(fully_masked_row)
   _check_grads(f, ref, logits, v)
 
 
+def test_dropout_values_and_gradients_match_autodiff():
+  k = jax.random.split(jax.random.key(3), 2)
+  x = jax.random.normal(k[0], (2, 7, 16))
+  keep = jax.random.bernoulli(k[1], 0.7, x.shape)
+  _check_grads(lambda x: ops.dropout(x, keep, 1 / 0.7),
+               lambda x: jnp.where(keep, x / 0.7, 0.0), x)
+
+
 def _residual_bytes(f, *args):
   total = 0
   for aval, _ in saved_residuals(f, *args):
@@ -93,6 +101,8 @@ def test_ops_keep_fewer_residuals_than_autodiff_of_the_formulas():
   v = jax.random.normal(k[2], (b, t, n, d))
   mask = jnp.ones((b, 1, t, t), bool)
   keep = jnp.ones((b, n, t, t), bool)
+  keep_x = jax.random.bernoulli(k[0], 0.9, x.shape)
+  assert _residual_bytes(lambda x: ops.dropout(x, keep_x, 1 / 0.9), x) == x.size  # the mask
   # One float (B, N, T, T) array (the probabilities), not three.
   got = _residual_bytes(lambda lg: ops.dropout_attention(lg, v, mask, keep, 1.25), logits)
   assert got < 2 * logits.size * 4, got

@@ -76,7 +76,7 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   if rng is None or rate == 0.0:
     return x
   keep, scale = rng_lib.dropout_keep(rng, rate, x.shape)
-  return jnp.where(keep, x * scale, 0).astype(x.dtype)
+  return ops.dropout(x, keep, scale)
 
 
 def _split(rng, n):

@@ -1,10 +1,10 @@
 """Encoder ops with hand-written backward passes that keep few residuals.
 
 Differentiated as plain jnp, LayerNorm keeps six arrays per call for the backward
-pass, exact GELU four (B, T, 4H) arrays, and softmax + dropout + the product with V
-five (B, N, T, T) arrays. Each op here keeps only what its gradient needs: LayerNorm
-the normalized input and 1/std, GELU its input, attention the probabilities, the
-dropout mask and V. Under `lax.scan` every residual is written to a stacked
+pass, exact GELU four (B, T, 4H) arrays, softmax + dropout + the product with V
+five (B, N, T, T) arrays, and dropout its output besides the mask. Each op here
+keeps only what its gradient needs: LayerNorm the normalized input and 1/std, GELU
+its input, attention the probabilities, the dropout mask and V, dropout the mask. Under `lax.scan` every residual is written to a stacked
 (L, ...) buffer and read back in the backward pass, so fewer residuals means less
 memory traffic on every backend and less activation memory per chip. The forward
 values are the same formulas; the gradients are the analytic ones (tested against
@@ -73,6 +73,27 @@ def _gelu_bwd(x, g):
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dropout(x: jax.Array, keep: jax.Array, keep_scale: float) -> jax.Array:
+  """Inverted dropout: x * keep_scale where keep, else 0; keep: bool, x's shape.
+
+  Keeps only the mask. Differentiated as `jnp.where`, JAX saves the output (or,
+  as `lax.select`, a zeros array) too: one more activation-sized residual per call.
+  """
+  return jnp.where(keep, x * keep_scale, 0).astype(x.dtype)
+
+
+def _dropout_fwd(x, keep, keep_scale):
+  return dropout(x, keep, keep_scale), keep
+
+
+def _dropout_bwd(keep_scale, keep, g):
+  return jnp.where(keep, g * keep_scale, 0).astype(g.dtype), None
+
+
+dropout.defvjp(_dropout_fwd, _dropout_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
