@@ -120,7 +120,8 @@ def _compiled_step_size(name: str, num_layers: int) -> int:
   from amos_jax.train import sharding as shd
   from amos_jax.train.state import create_train_state, make_optimizer
   from amos_jax.train.step import make_train_step
-  c = tiny_config(name, num_layers=num_layers, hidden_dropout=0.1, attention_dropout=0.1)
+  c = tiny_config(name, num_layers=num_layers, hidden_dropout=0.1, attention_dropout=0.1,
+                  scan_layers=True)
   c.mesh.update(data=1, fsdp=1, tensor=1)
   objective = get_objective(c)
   tx = make_optimizer(c.train)
