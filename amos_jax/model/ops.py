@@ -4,9 +4,10 @@ Differentiated as plain jnp, LayerNorm keeps six arrays per call for the backwar
 pass, exact GELU four (B, T, 4H) arrays, softmax + dropout + the product with V
 five (B, N, T, T) arrays, and dropout its output besides the mask. Each op here
 keeps only what its gradient needs: LayerNorm the normalized input and 1/std, GELU
-its input, attention the probabilities, the dropout mask and V, dropout the mask. Under `lax.scan` every residual is written to a stacked
-(L, ...) buffer and read back in the backward pass, so fewer residuals means less
-memory traffic on every backend and less activation memory per chip. The forward
+its input, attention the probabilities, the dropout mask and V, dropout the mask.
+Under `lax.scan` every residual is written to a stacked (L, ...) buffer and read
+back in the backward pass, so fewer residuals means less memory traffic on every
+backend and less activation memory per chip. The forward
 values are the same formulas; the gradients are the analytic ones (tested against
 autodiff of the plain formulas in tests/test_ops.py).
 """

@@ -87,7 +87,7 @@ def group(tree, stack: Callable[[list], Any] = jnp.stack) -> LayerStacked:
   """A per-layer tree -> `LayerStacked`, each layer parameter's leaves stacked.
 
   stack: combines one parameter's per-layer leaves in layer order (default
-  `jnp.stack`; `stack_shardings` passes its own for a tree of shardings).
+  `jnp.stack`; `stacked_sharding` for a tree of shardings).
   """
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
   slots = tuple(_key(path) for path, _ in leaves)
