@@ -7,9 +7,9 @@ keeps only what its gradient needs: LayerNorm the normalized input and 1/std, GE
 its input, attention the probabilities, the dropout mask and V, dropout the mask.
 Under `lax.scan` every residual is written to a stacked (L, ...) buffer and read
 back in the backward pass, so fewer residuals means less memory traffic on every
-backend and less activation memory per chip. The forward
-values are the same formulas; the gradients are the analytic ones (tested against
-autodiff of the plain formulas in tests/test_ops.py).
+backend and less activation memory per chip. The forward values are the same
+formulas; the gradients are the analytic ones (tested against autodiff of the plain
+formulas in tests/test_ops.py).
 """
 from __future__ import annotations
 
