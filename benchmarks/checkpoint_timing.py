@@ -23,7 +23,7 @@ from amos_jax.config import load_config_file
 from amos_jax.objectives import get_objective
 from amos_jax.train import checkpoint as ckpt
 from amos_jax.train import sharding as shd
-from amos_jax.train.state import CheckpointForm, create_train_state, make_optimizer
+from amos_jax.train.state import create_train_state_and_form, make_optimizer
 
 
 def main():
@@ -45,10 +45,9 @@ def main():
   objective = get_objective(config)
   mesh = shd.build_mesh(config.mesh)
   tx = make_optimizer(config.train)
-  _, state, _ = create_train_state(objective, mesh, tx)
   # As the trainer saves: the layer-stacked state converted to the per-layer form
   # checkpoints hold (timed with the save), and stacked again after a restore.
-  form = CheckpointForm(objective, mesh, tx)
+  _, state, _, form = create_train_state_and_form(objective, mesh, tx)
   jax.block_until_ready(state)
   size = sum(x.nbytes for x in jax.tree.leaves(state))
   if paths.exists(args.dir):
@@ -57,7 +56,7 @@ def main():
   for i in range(args.repeats):
     step = 1000 * (i + 1)
     start = time.perf_counter()
-    ckpt.save(manager, step, form.to_checkpoint(state), force=True)
+    ckpt.save(manager, step, state, force=True, convert=form.to_checkpoint)
     blocking = time.perf_counter() - start
     manager.wait_until_finished()
     total = time.perf_counter() - start

@@ -41,7 +41,7 @@ _SCRIPT = textwrap.dedent("""
       name = "discriminator/encoder/layer/*/intermediate/dense/kernel"
       k, m1 = state.params[name], optax.tree.get(state.opt_state, "mu")[name]
       # The per-layer form that checkpoints hold: layer 0 of the stacked arrays.
-      saved = CheckpointForm(obj, mesh, tx).to_checkpoint(state)
+      saved = CheckpointForm.of(obj, mesh, tx).to_checkpoint(state)
       k0 = saved.params["discriminator"]["encoder"]["layer"][0]["intermediate"]["dense"]["kernel"][...]
       out[str(shape)] = dict(losses=losses, spec=str(k.sharding.spec),
                              shard=list(k.addressable_shards[0].data.shape),

@@ -43,13 +43,16 @@ def _data_save(data_iterator):
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, force: bool = False,
-         data_iterator=None) -> bool:
+         data_iterator=None, convert=None) -> bool:
   """Saves `state` (and the iterator's position) at `step`; False if not due.
 
-  A step already on disk is left as it is.
+  A step already on disk is left as it is. convert: applied to `state` only when
+  the step is saved (the trainer's per-layer copy, `CheckpointForm.to_checkpoint`).
   """
-  if step in manager.all_steps():
+  if step in manager.all_steps() or not (force or manager.should_save(step)):
     return False
+  if convert is not None:
+    state = convert(state)
   items = dict(state=ocp.args.StandardSave(state))
   if data_iterator is not None:
     items["data"] = _data_save(data_iterator)

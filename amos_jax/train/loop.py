@@ -27,7 +27,7 @@ from amos_jax.train import sharding as shd
 from amos_jax.train import workdir as workdir_lib
 from amos_jax.train.metrics import MetricsWriter
 from amos_jax.train.layer_groups import group, ungroup
-from amos_jax.train.state import CheckpointForm, abstract_train_state, make_optimizer
+from amos_jax.train.state import abstract_train_state, make_optimizer
 from amos_jax.train.step import build_trainer, jit_train_step, make_eval_step
 
 log = logging.getLogger("amos_jax")
@@ -121,7 +121,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   # target carries this run's shardings: a checkpoint written on another mesh is
   # resharded as it is read, then stacked into the trainer's form.
   manager = ckpt.make_manager(workdir, config)
-  form = CheckpointForm(objective, mesh, trainer.tx)
+  form = trainer.checkpoint_form
   step, restored = ckpt.restore(manager, form.abstract, data.iterator)
   if restored is not None:
     state = form.from_checkpoint(restored)
@@ -161,11 +161,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     return writer.write(step, mean, prefix="eval_")
 
   def save(step, state, force=False):
-    # The per-layer copy is made only for a step that is saved.
-    if step in manager.all_steps() or not (force or manager.should_save(step)):
-      return False
-    return ckpt.save(manager, step, form.to_checkpoint(state), force=force,
-                     data_iterator=data.iterator)
+    return ckpt.save(manager, step, state, force=force, data_iterator=data.iterator,
+                     convert=form.to_checkpoint)
 
   # ------------------------------------------------------------------- loop
   # TensorBoard drops events at or after purge_step: a resumed run replaces them.

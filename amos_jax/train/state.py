@@ -96,8 +96,8 @@ def abstract_model(objective):
 
 
 def _init_and_shardings(objective, mesh, tx):
-  """(graphdef, init fn, abstract state, state shardings, per-layer state
-  shardings); traces the model once."""
+  """(graphdef, init fn, abstract state, state shardings, CheckpointForm); traces
+  the model once."""
   config = objective.config
   graphdef, abstract_params = abstract_model(objective)
   params_sh = shd.param_shardings(abstract_params, mesh, config.sharding.rules)
@@ -123,7 +123,8 @@ def _init_and_shardings(objective, mesh, tx):
       params=group(params_sh, stacked_sharding),
       opt_state=group_opt_state(per_layer_sh.opt_state, stacked_sharding))
   state_sh = jax.tree.unflatten(jax.tree.structure(abstract), jax.tree.leaves(stacked_sh))
-  return graphdef, init, abstract, state_sh, per_layer_sh
+  form = CheckpointForm(abstract_state(per_layer_sh, per_layer), per_layer_sh, state_sh)
+  return graphdef, init, abstract, state_sh, form
 
 
 def create_train_state(objective, mesh, tx):
@@ -131,10 +132,16 @@ def create_train_state(objective, mesh, tx):
 
   Returns (graphdef, state, state_shardings); the state is layer-stacked.
   """
-  graphdef, init, _, state_sh, _ = _init_and_shardings(objective, mesh, tx)
+  return create_train_state_and_form(objective, mesh, tx)[:3]
+
+
+def create_train_state_and_form(objective, mesh, tx):
+  """`create_train_state`, and the state's `CheckpointForm`: (graphdef, state,
+  state_shardings, form)."""
+  graphdef, init, _, state_sh, form = _init_and_shardings(objective, mesh, tx)
   with jax.set_mesh(mesh):
     state = jax.jit(init, out_shardings=state_sh)()
-  return graphdef, state, state_sh
+  return graphdef, state, state_sh, form
 
 
 def abstract_train_state(objective, mesh, tx):
@@ -149,14 +156,21 @@ def abstract_train_state(objective, mesh, tx):
 class CheckpointForm:
   """Moves the trainer's layer-stacked state to and from the per-layer form that
   checkpoints hold (so checkpoints, their names and resharding are as before),
-  placed with the shardings of each form."""
+  placed with the shardings of each form.
 
-  def __init__(self, objective, mesh, tx):
-    _, _, abstract, self.stacked_shardings, self.shardings = _init_and_shardings(
-        objective, mesh, tx)
-    self.abstract = abstract_state(self.shardings, jax.eval_shape(per_layer_state, abstract))
-    self.to_checkpoint = jax.jit(per_layer_state, out_shardings=self.shardings)
-    self.from_checkpoint = jax.jit(stack_state, out_shardings=self.stacked_shardings)
+  abstract: the per-layer state's ShapeDtypeStructs with their shardings (the
+  restore target); shardings, stacked_shardings: those of each form.
+  """
+
+  def __init__(self, abstract, shardings, stacked_shardings):
+    self.abstract = abstract
+    self.to_checkpoint = jax.jit(per_layer_state, out_shardings=shardings)
+    self.from_checkpoint = jax.jit(stack_state, out_shardings=stacked_shardings)
+
+  @classmethod
+  def of(cls, objective, mesh, tx) -> "CheckpointForm":
+    """The form of the state `create_train_state` builds, built on its own."""
+    return _init_and_shardings(objective, mesh, tx)[-1]
 
 
 def abstract_state(state_shardings, state):

@@ -12,7 +12,7 @@ from amos_jax.model import rng as rng_lib
 from amos_jax.model.partitioning import constrain
 from amos_jax.train import sharding as shd
 from amos_jax.train.layer_groups import ungroup
-from amos_jax.train.state import (TrainState, apply_learning_rate, create_train_state,
+from amos_jax.train.state import (TrainState, apply_learning_rate, create_train_state_and_form,
                                   learning_rate_schedule, make_optimizer)
 
 
@@ -146,14 +146,14 @@ class Trainer(NamedTuple):
   state_shardings: Any
   batch_sharding: Any
   train_step: Callable    # jitted, state donated
-  tx: Any                 # the optimizer
+  checkpoint_form: Any    # state.CheckpointForm: the per-layer form checkpoints hold
 
 
 def build_trainer(objective, mesh) -> Trainer:
   """Model and optimizer born sharded on `mesh`, and the jitted train step."""
   config = objective.config
   tx = make_optimizer(config.train)
-  graphdef, state, state_sh = create_train_state(objective, mesh, tx)
+  graphdef, state, state_sh, form = create_train_state_and_form(objective, mesh, tx)
   batch_sh = shd.batch_sharding(mesh, config.sharding.rules)
   step = jit_train_step(graphdef, objective, tx, state_sh, batch_sh, mesh)
-  return Trainer(graphdef, state, state_sh, batch_sh, step, tx)
+  return Trainer(graphdef, state, state_sh, batch_sh, step, form)
