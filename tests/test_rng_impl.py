@@ -33,3 +33,29 @@ def test_dropout_keeps_at_the_configured_rate_per_row(impl):
   one, _ = rng_lib.dropout_keep(rows[2], 0.1, (2, 64, 63))
   np.testing.assert_array_equal(keep[2], one)
   assert not np.array_equal(keep[0], keep[1])
+
+
+@pytest.mark.parametrize("key", [jax.random.key(3), jax.random.PRNGKey(11),
+                                 jax.random.fold_in(jax.random.key(1), 5)])
+def test_written_out_threefry_is_jax_threefry_bit_for_bit(key):
+  # JAX's own partitionable threefry is the reference: its bits are w1 ^ w2 of the
+  # same counters, and split(key, n) holds (w1, w2) of counters 0..n-1.
+  w1, w2 = jax.jit(lambda k: rng_lib.bits_2x32(k, (5, 7)))(key)
+  np.testing.assert_array_equal(w1 ^ w2, jax.random.bits(key, (5, 7), jnp.uint32))
+  split = jax.random.split(key, 6)
+  data = jax.random.key_data(split) if jax.dtypes.issubdtype(
+      split.dtype, jax.dtypes.prng_key) else split
+  v1, v2 = rng_lib.bits_2x32(key, (6,))
+  np.testing.assert_array_equal(data[:, 0], v1)
+  np.testing.assert_array_equal(data[:, 1], v2)
+
+
+def test_dropout_decisions_are_independent_quarters():
+  # Four decisions come from one 64-bit hash: each quarter must be its own
+  # Bernoulli draw, so neighbours in a row (one hash) are uncorrelated.
+  keep, _ = rng_lib.dropout_keep(jax.random.key(0), 0.5, (256, 1024))
+  k = np.asarray(keep, np.float64)
+  assert abs(k.mean() - 0.5) < 0.005
+  for lag in (1, 256, 512):  # a quarter's neighbour, the next quarter of the same hash
+    c = np.corrcoef(k[:, :-lag].ravel(), k[:, lag:].ravel())[0, 1]
+    assert abs(c) < 0.01, (lag, c)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _is_batched(rng: jax.Array) -> bool:
@@ -52,21 +53,78 @@ def draw(sampler: Callable[[jax.Array, tuple], jax.Array], rng: jax.Array,
   return jax.lax.map(lambda k: sampler(k, shape[1:]), rng)
 
 
+# Threefry-2x32 (Salmon et al., SC 2011; 20 rounds), the hash behind JAX's default
+# keys. JAX lowers it on CPU as a rolled 5-iteration loop, which copies its state
+# every iteration and keeps it out of the consumer's fusion: that loop was most of
+# dropout's cost on CPU. Written out here, XLA fuses the whole hash into the kernel
+# that uses the bits. The same function as JAX's (tested bit for bit).
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _rotl(x: jax.Array, r: int) -> jax.Array:
+  return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+
+def threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array):
+  """Threefry-2x32 of the counter pairs (x1, x2) under the key (k1, k2). All uint32."""
+  ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+  x1, x2 = x1 + ks[0], x2 + ks[1]
+  for i in range(5):
+    for r in _ROTATIONS[i % 2]:
+      x1 = x1 + x2
+      x2 = _rotl(x2, r) ^ x1
+    x1 = x1 + ks[(i + 1) % 3]
+    x2 = x2 + ks[(i + 2) % 3] + np.uint32(i + 1)
+  return x1, x2
+
+
+def _threefry_key(key: jax.Array):
+  """(k1, k2) of a threefry key (typed or raw uint32[2]); None for other generators."""
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if "threefry" not in str(jax.random.key_impl(key)):
+      return None
+    key = jax.random.key_data(key)
+  return key[0], key[1]
+
+
+def bits_2x32(key: jax.Array, shape: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+  """Both uint32 words of the threefry hash of counters 0..prod(shape)-1 (row-major).
+
+  The counters JAX's partitionable threefry uses: `jax.random.bits(key, shape)` is
+  w1 ^ w2, and `jax.random.split(key, n)` holds (w1, w2) of counters 0..n-1.
+  Here both words are kept: 64 random bits per hash.
+  """
+  shape = tuple(shape)
+  k1, k2 = _threefry_key(key)
+  size = int(np.prod(shape, dtype=np.int64))
+  if size >= 2 ** 32:
+    raise ValueError(f"bits_2x32: {size} counters exceed 2^32; draw in parts")
+  lo = jax.lax.iota(jnp.uint32, size).reshape(shape)
+  return threefry2x32(k1, k2, jnp.zeros_like(lo), lo)
+
+
 def _keep_bits(key: jax.Array, shape: tuple, threshold: int) -> jax.Array:
-  """Bernoulli(threshold / 2^16) from 16-bit halves of 32-bit random words."""
+  """Bernoulli(threshold / 2^16) from the 16-bit quarters of 64-bit hashes.
+
+  With a threefry key, one hash gives four decisions (both words, two halves
+  each); with another generator, 32-bit words from `jax.random.bits` give two.
+  """
   n = shape[-1]
-  words = jax.random.bits(key, shape[:-1] + ((n + 1) // 2,), jnp.uint32)
-  halves = jnp.concatenate([words & 0xFFFF, words >> 16], axis=-1)[..., :n]
-  return halves < threshold
+  if _threefry_key(key) is not None:
+    w1, w2 = bits_2x32(key, shape[:-1] + ((n + 3) // 4,))
+    parts = (w1 & 0xFFFF, w1 >> 16, w2 & 0xFFFF, w2 >> 16)
+  else:
+    words = jax.random.bits(key, shape[:-1] + ((n + 1) // 2,), jnp.uint32)
+    parts = (words & 0xFFFF, words >> 16)
+  return jnp.concatenate(parts, axis=-1)[..., :n] < threshold
 
 
 def dropout_keep(rng: jax.Array, rate: float, shape: Sequence[int]):
   """(keep mask of `shape`, 1 / keep probability) for dropout at `rate`.
 
-  Each kept/dropped decision uses 16 random bits (two per 32-bit word) against an
-  integer threshold, instead of a float32 uniform per element: a quarter to a
-  fifth of the bit-generation work on CPU, where threefry dominates dropout's
-  cost. The keep probability is round((1 - rate) * 2^16) / 2^16 (within 1e-5 of
+  Each kept/dropped decision uses 16 random bits against an integer threshold,
+  instead of a float32 uniform per element: a quarter of the hashes with threefry
+  keys. The keep probability is round((1 - rate) * 2^16) / 2^16 (within 1e-5 of
   1 - rate) and the scale is its exact inverse, so the expectation is unchanged.
   """
   threshold = int(round((1.0 - rate) * 65536))
