@@ -59,3 +59,18 @@ def test_dropout_decisions_are_independent_quarters():
   for lag in (1, 256, 512):  # a quarter's neighbour, the next quarter of the same hash
     c = np.corrcoef(k[:, :-lag].ravel(), k[:, lag:].ravel())[0, 1]
     assert abs(c) < 0.01, (lag, c)
+
+
+@pytest.mark.parametrize("bounds", [(0.0, 1.0), (float(np.finfo(np.float32).tiny), 1.0),
+                                    (-2.0, 3.0)])
+def test_uniform_is_jax_uniform_bit_for_bit(bounds):
+  # The samplers' uniforms (Gumbel noise, inverse CDF) changed generator code, not
+  # values: every float equals jax.random.uniform's, per key and per row.
+  lo, hi = bounds
+  key = jax.random.key(5)
+  got = jax.jit(lambda k: rng_lib.uniform(k, (4, 33), lo, hi))(key)
+  np.testing.assert_array_equal(got, jax.random.uniform(key, (4, 33), jnp.float32, lo, hi))
+  rows = rng_lib.per_row(key, jnp.arange(3))
+  got = rng_lib.draw(lambda k, s: rng_lib.uniform(k, s, lo, hi), rows, (3, 50))
+  want = rng_lib.draw(lambda k, s: jax.random.uniform(k, s, jnp.float32, lo, hi), rows, (3, 50))
+  np.testing.assert_array_equal(got, want)
