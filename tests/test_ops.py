@@ -82,6 +82,19 @@ def test_dropout_values_and_gradients_match_autodiff():
                lambda x: jnp.where(keep, x / 0.7, 0.0), x)
 
 
+def test_softmax_cross_entropy_values_and_gradients_match_autodiff():
+  # The reference: optax's integer-label cross-entropy, differentiated by JAX.
+  import optax
+  k = jax.random.split(jax.random.key(4), 2)
+  logits = 5.0 * jax.random.normal(k[0], (3, 4, 37))
+  labels = jax.random.randint(k[1], (3, 4), 0, 37)
+  _check_grads(lambda lg: ops.softmax_cross_entropy(lg, labels),
+               lambda lg: optax.softmax_cross_entropy_with_integer_labels(lg, labels), logits)
+  big = logits.at[0, 0, 3].set(1e4)  # one huge logit: no overflow, gradient still exact
+  _check_grads(lambda lg: ops.softmax_cross_entropy(lg, labels),
+               lambda lg: optax.softmax_cross_entropy_with_integer_labels(lg, labels), big)
+
+
 def _residual_bytes(f, *args):
   total = 0
   for aval, _ in saved_residuals(f, *args):

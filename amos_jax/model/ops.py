@@ -132,3 +132,38 @@ def _dropout_attention_bwd(keep_scale, res, g):
 
 
 dropout_attention.defvjp(_dropout_attention_fwd, _dropout_attention_bwd)
+
+
+@jax.custom_vjp
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """-log softmax(logits)[label]: (..., V) float, (...) int -> (...) float32.
+
+  The backward pass is softmax - one_hot(label) in one elementwise pass, from the
+  logits and the log-partition. Differentiated as `log_softmax` + `take_along_axis`,
+  the gradient is scattered into a zero-filled (..., V) array and passed through
+  log_softmax's backward; at a 30k vocabulary that is several full passes more
+  per MLM head.
+  """
+  return _softmax_cross_entropy_fwd(logits, labels)[0]
+
+
+def _log_partition(logits):
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  return (m + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1, keepdims=True)))[..., 0]
+
+
+def _softmax_cross_entropy_fwd(logits, labels):
+  logits = logits.astype(_F32)
+  lse = _log_partition(logits)
+  picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  return lse - picked, (logits, labels, lse)
+
+
+def _softmax_cross_entropy_bwd(res, g):
+  logits, labels, lse = res
+  word = jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
+  dlogits = (jnp.exp(logits - lse[..., None]) - (word == labels[..., None])) * g[..., None]
+  return dlogits, None
+
+
+softmax_cross_entropy.defvjp(_softmax_cross_entropy_fwd, _softmax_cross_entropy_bwd)

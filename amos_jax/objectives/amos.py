@@ -114,7 +114,16 @@ class Amos(Electra):
     sample = jnp.where(valid, sample, jax.nn.one_hot(masked.labels, sample.shape[-1]))
     # The gradient into the matrix is not reversed (the reversal sits on `sample`).
     rows = sample @ model.discriminator.word_embeddings
-    sampled = jnp.argmax(sample, axis=-1)
+    if obj.get("hard_sample", True):
+      # Each row of `sample` is exactly one-hot: its word is the dot product with
+      # 0..V-1, a matvec instead of an argmax reduction over V, which XLA's CPU
+      # backend runs unvectorized. Exact in float32 at full precision (a TPU's
+      # default single bfloat16 pass would round the word numbers).
+      word = jnp.arange(sample.shape[-1], dtype=jnp.float32)
+      sampled = jnp.rint(jnp.dot(jax.lax.stop_gradient(sample).astype(jnp.float32), word,
+                                 precision=jax.lax.Precision.HIGHEST)).astype(jnp.int32)
+    else:
+      sampled = jnp.argmax(sample, axis=-1)
     disc_ids = masking.scatter_positions(masked.input_ids, masked.positions,
                                          sampled.astype(masked.input_ids.dtype))
     is_replaced = replaced_token_labels(masked.positions, sampled, masked.labels,

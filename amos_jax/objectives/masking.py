@@ -13,6 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from amos_jax.model import ops
 from amos_jax.model import rng as rng_lib
 
 # Replacement schemes: (P[MASK], P[random token]); the rest keep the original.
@@ -135,8 +136,12 @@ def masked_lm_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array,
   (default weights.sum(); a micro-batch passes its whole batch's). Returns
   (loss, accuracy).
   """
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+  nll = ops.softmax_cross_entropy(logits, labels)
   denom = jnp.maximum(weights.sum() if denom is None else denom, 1.0)
-  accuracy = ((logits.argmax(-1) == labels) * weights).sum() / denom
+  # Correct when the label's logit is the largest: argmax's answer without its
+  # (value, index) reduction over V, which XLA's CPU backend runs unvectorized
+  # (about 30 ms per 640 x 30k head); they differ only on exact ties.
+  picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  correct = picked >= logits.max(-1)
+  accuracy = (correct * weights).sum() / denom
   return (nll * weights).sum() / denom, accuracy
