@@ -1,4 +1,4 @@
-"""Encoder ops with hand-written backward passes that keep few residuals.
+"""Encoder and loss ops with hand-written backward passes that keep few residuals.
 
 Differentiated as plain jnp, LayerNorm keeps six arrays per call for the backward
 pass, exact GELU four (B, T, 4H) arrays, softmax + dropout + the product with V
@@ -9,7 +9,8 @@ Under `lax.scan` every residual is written to a stacked (L, ...) buffer and read
 back in the backward pass, so fewer residuals means less memory traffic on every
 backend and less activation memory per chip. The forward values are the same
 formulas; the gradients are the analytic ones (tested against autodiff of the plain
-formulas in tests/test_ops.py).
+formulas in tests/test_ops.py). `softmax_cross_entropy` (the MLM heads' loss) is
+here for its one-pass backward rather than its residuals.
 """
 from __future__ import annotations
 
