@@ -93,6 +93,10 @@ def test_softmax_cross_entropy_values_and_gradients_match_autodiff():
   big = logits.at[0, 0, 3].set(1e4)  # one huge logit: no overflow, gradient still exact
   _check_grads(lambda lg: ops.softmax_cross_entropy(lg, labels),
                lambda lg: optax.softmax_cross_entropy_with_integer_labels(lg, labels), big)
+  # bfloat16 logits: a float32 loss, a gradient in the logits' own dtype.
+  half = logits.astype(jnp.bfloat16)
+  nll, vjp = jax.vjp(lambda lg: ops.softmax_cross_entropy(lg, labels), half)
+  assert nll.dtype == jnp.float32 and vjp(jnp.ones_like(nll))[0].dtype == jnp.bfloat16
 
 
 def _residual_bytes(f, *args):

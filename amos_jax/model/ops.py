@@ -154,17 +154,18 @@ def _log_partition(logits):
 
 
 def _softmax_cross_entropy_fwd(logits, labels):
-  logits = logits.astype(_F32)
-  lse = _log_partition(logits)
-  picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  x = logits.astype(_F32)
+  lse = _log_partition(x)
+  picked = jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
   return lse - picked, (logits, labels, lse)
 
 
 def _softmax_cross_entropy_bwd(res, g):
   logits, labels, lse = res
-  word = jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
-  dlogits = (jnp.exp(logits - lse[..., None]) - (word == labels[..., None])) * g[..., None]
-  return dlogits, None
+  x = logits.astype(_F32)
+  word = jax.lax.broadcasted_iota(labels.dtype, x.shape, x.ndim - 1)
+  dlogits = (jnp.exp(x - lse[..., None]) - (word == labels[..., None])) * g[..., None]
+  return dlogits.astype(logits.dtype), None
 
 
 softmax_cross_entropy.defvjp(_softmax_cross_entropy_fwd, _softmax_cross_entropy_bwd)
