@@ -84,6 +84,8 @@ def _threefry_key(key: jax.Array):
     if "threefry" not in str(jax.random.key_impl(key)):
       return None
     key = jax.random.key_data(key)
+  elif key.shape != (2,):  # a raw key of another generator (rbg's are uint32[4])
+    return None
   return key[0], key[1]
 
 
