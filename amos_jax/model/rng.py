@@ -37,9 +37,7 @@ def _vmap_is_exact(rng: jax.Array) -> bool:
   True for threefry (and raw uint32 keys); the RngBitGenerator-based 'rbg' and
   'unsafe_rbg' batch their bits differently under vmap, so they draw row by row.
   """
-  if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-    return True
-  return "rbg" not in str(jax.random.key_impl(rng))
+  return _is_threefry(rng)
 
 
 def draw(sampler: Callable[[jax.Array, tuple], jax.Array], rng: jax.Array,
@@ -78,15 +76,12 @@ def threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array):
   return x1, x2
 
 
-def _threefry_key(key: jax.Array):
-  """(k1, k2) of a threefry key (typed or raw uint32[2]); None for other generators."""
+def _is_threefry(key: jax.Array) -> bool:
+  """Whether `key` (one key or a batch of them) is threefry: typed with that
+  generator, or raw uint32 pairs (a raw rbg key is uint32[4])."""
   if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    if "threefry" not in str(jax.random.key_impl(key)):
-      return None
-    key = jax.random.key_data(key)
-  elif key.shape != (2,):  # a raw key of another generator (rbg's are uint32[4])
-    return None
-  return key[0], key[1]
+    return "threefry" in str(jax.random.key_impl(key))
+  return key.shape[-1:] == (2,)
 
 
 def bits_2x32(key: jax.Array, shape: Sequence[int]) -> tuple[jax.Array, jax.Array]:
@@ -97,7 +92,9 @@ def bits_2x32(key: jax.Array, shape: Sequence[int]) -> tuple[jax.Array, jax.Arra
   Here both words are kept: 64 random bits per hash.
   """
   shape = tuple(shape)
-  k1, k2 = _threefry_key(key)
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  k1, k2 = key[0], key[1]
   size = int(np.prod(shape, dtype=np.int64))
   if size >= 2 ** 32:
     raise ValueError(f"bits_2x32: {size} counters exceed 2^32; draw in parts")
@@ -111,7 +108,7 @@ def uniform(key: jax.Array, shape: Sequence[int], minval: float = 0.0,
   with a threefry key (23 random mantissa bits of w1 ^ w2), from the written-out
   hash so that XLA fuses it into the consumer. Other generators: JAX's own."""
   shape = tuple(shape)
-  if _threefry_key(key) is None:
+  if not _is_threefry(key):
     return jax.random.uniform(key, shape, jnp.float32, minval, maxval)
   w1, w2 = bits_2x32(key, shape)
   one = np.float32(1.0).view(np.uint32)
@@ -127,7 +124,7 @@ def _keep_bits(key: jax.Array, shape: tuple, threshold: int) -> jax.Array:
   each); with another generator, 32-bit words from `jax.random.bits` give two.
   """
   n = shape[-1]
-  if _threefry_key(key) is not None:
+  if _is_threefry(key):
     w1, w2 = bits_2x32(key, shape[:-1] + ((n + 3) // 4,))
     parts = (w1 & 0xFFFF, w1 >> 16, w2 & 0xFFFF, w2 >> 16)
   else:

@@ -8,13 +8,17 @@ import jax.numpy as jnp
 from amos_jax.model import rng as rng_lib
 
 
+def _positive_uniform(rng: jax.Array, shape) -> jax.Array:
+  """float32 uniforms in (0, 1), one key or one per row of `shape`. rng_lib.uniform:
+  jax.random.uniform's values, hashed inside the consumer's fusion (AMOS draws one
+  per word of the vocabulary at every prediction)."""
+  return rng_lib.draw(lambda k, s: rng_lib.uniform(k, s, minval=jnp.finfo(jnp.float32).tiny),
+                      rng, shape)
+
+
 def gumbel_noise(rng: jax.Array, shape) -> jax.Array:
   """Standard Gumbel(0, 1) noise, float32; rng: one key or one per row of `shape`."""
-  # rng_lib.uniform: jax.random.uniform's values, hashed inside the consumer's
-  # fusion (AMOS draws one per word of the vocabulary at every prediction).
-  u = rng_lib.draw(lambda k, s: rng_lib.uniform(k, s, minval=jnp.finfo(jnp.float32).tiny),
-                   rng, shape)
-  return -jnp.log(-jnp.log(u))
+  return -jnp.log(-jnp.log(_positive_uniform(rng, shape)))
 
 
 def gumbel_max_sample(logits: jax.Array, noise: jax.Array,
@@ -43,8 +47,7 @@ def inverse_cdf_sample(rng: jax.Array, logits: jax.Array, temperature: float = 1
   mass = blocks.sum(-1)                                          # (..., nb)
   cum = jnp.cumsum(mass, axis=-1)
   # u > 0, so the chosen block has positive mass.
-  u = rng_lib.draw(lambda k, s: rng_lib.uniform(k, s, minval=jnp.finfo(jnp.float32).tiny),
-                   rng, logits.shape[:-1])
+  u = _positive_uniform(rng, logits.shape[:-1])
   target = u * cum[..., -1]
   b = jnp.minimum((cum < target[..., None]).sum(-1), nb - 1)     # first cum >= target
   before = jnp.where(b > 0, jnp.take_along_axis(
