@@ -103,8 +103,9 @@ def time_steps(compiled, state, batch, warmup: int, windows: int, window_steps: 
   """Per-step seconds of each window ((time of window_steps steps) / window_steps);
   one sync per window; returns (times, final state)."""
   import jax
+  metrics = None
   for _ in range(warmup):
-    state, _ = compiled(state, batch)
+    state, metrics = compiled(state, batch)
   jax.block_until_ready(state)
   times = []
   for _ in range(windows):
