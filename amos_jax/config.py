@@ -18,7 +18,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 # Choices of model.remat (True / False read as full / none), model.attention_impl
 # and train.rng_impl.
-REMAT_CHOICES = ("none", "dots_saveable", "full", "true", "false")
+REMAT_CHOICES = ("auto", "none", "dots_saveable", "full", "true", "false")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 RNG_IMPLS = ("threefry", "rbg", "unsafe_rbg")
 
@@ -61,7 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
       attention_impl="auto",  # auto | xla | cudnn (fused, NVIDIA GPUs)
       relative_attention_buckets=0, relative_attention_max_distance=128,
       scan_layers=True,       # lax.scan over layers: compile time flat in depth
-      remat="none",           # none | dots_saveable | full (what backward recomputes)
+      remat="auto",           # auto | none | dots_saveable | full (what backward
+                              # recomputes; auto: dots_saveable under scan, else none)
       **MODEL_SIZES["small"]))
 
   c.objective = ml_collections.ConfigDict(dict(
@@ -165,8 +166,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
     raise ConfigError(f"train.seq_len={t.seq_len} is too short; use at least 4")
   if m.dtype not in ("float32", "bfloat16", "float16"):
     raise ConfigError(f"model.dtype={m.dtype!r}: use float32, bfloat16 or float16")
-  if str(m.get("remat", "none")).lower() not in REMAT_CHOICES:
-    raise ConfigError(f"model.remat={m.remat!r}: use none, dots_saveable or full")
+  if str(m.get("remat", "auto")).lower() not in REMAT_CHOICES:
+    raise ConfigError(f"model.remat={m.remat!r}: use auto, none, dots_saveable or full")
   if (m.get("attention_impl") or "auto") not in ATTENTION_IMPLS:
     raise ConfigError(f"model.attention_impl={m.attention_impl!r}: use auto, xla or cudnn")
   if t.get("rng_impl", "threefry") not in RNG_IMPLS:

@@ -2,6 +2,7 @@
 losses and gradients (with dropout and AMOS's stop-gradient taps), under every remat
 policy, with the per-layer parameter names unchanged."""
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +57,7 @@ def test_scanned_encoder_equals_unrolled_under_every_remat_policy():
   the unrolled stack without remat against the scanned one with each policy."""
   hs0, g0, p0 = _encoder_grads(dataclasses.replace(CFG, scan_layers=False),
                                stop_gradient_after=(1,))
-  for remat in ("none", "dots_saveable", "full"):
+  for remat in ("auto", "none", "dots_saveable", "full"):
     hs1, g1, p1 = _encoder_grads(dataclasses.replace(CFG, scan_layers=True, remat=remat),
                                  stop_gradient_after=(1,))
     assert set(_flat(p0)) == set(_flat(p1))
@@ -65,6 +66,23 @@ def test_scanned_encoder_equals_unrolled_under_every_remat_policy():
     for a, b in zip(hs0, hs1):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     _assert_trees_close(g0, g1)
+
+
+def test_auto_remat_recomputes_under_scan_only():
+  """remat='auto' wraps the scanned layer in jax.checkpoint (dots saved, the
+  elementwise ops recomputed) and leaves unrolled layers as they are."""
+  ids = jnp.ones((2, 8), jnp.int32)
+
+  def remat_calls(cfg):
+    graphdef, params = nnx.split(Encoder(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    jaxpr = jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(ids, ids)[-1])(params)
+    return len(re.findall(r"\b(?:remat2|checkpoint)\[", str(jaxpr)))  # jax.checkpoint
+
+  assert remat_calls(dataclasses.replace(CFG, scan_layers=True, remat="auto")) == 1
+  assert remat_calls(dataclasses.replace(CFG, scan_layers=True, remat="none")) == 0
+  assert remat_calls(dataclasses.replace(CFG, scan_layers=False, remat="auto")) == 0
+  assert remat_calls(dataclasses.replace(CFG, scan_layers=False,
+                                         remat="dots_saveable")) == CFG.num_layers
 
 
 @pytest.mark.parametrize("name", ["electra", "amos"])

@@ -23,7 +23,7 @@ from amos_jax.model import rng as rng_lib
 from amos_jax.model.partitioning import constrain, with_logical_axes
 
 
-REMAT_POLICIES = ("none", "dots_saveable", "full")
+REMAT_POLICIES = ("auto", "none", "dots_saveable", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +46,10 @@ class EncoderConfig:
   relative_attention_max_distance: int = 128
   # What each layer keeps for the backward pass: 'none' (everything), 'dots_saveable'
   # (matmul outputs; the rest is recomputed) or 'full' (only the layer's input).
-  # True / False are read as 'full' / 'none'.
-  remat: str | bool = "none"
+  # 'auto': dots_saveable for layers under scan, none for unrolled ones (a scan
+  # writes every kept value into an (L, ...) stack and reads it back; recomputing
+  # the elementwise ops is cheaper than that traffic). True / False: full / none.
+  remat: str | bool = "auto"
   scan_layers: bool = True           # one traced layer under lax.scan (flat compile time)
 
   @property
@@ -240,6 +242,8 @@ def _layer_fn(graphdef):
 
 def _checkpointed(fn, policy: str, *, in_scan: bool):
   """`fn` under the remat policy (REMAT_POLICIES); 'none' leaves it as it is."""
+  if policy == "auto":
+    policy = "dots_saveable" if in_scan else "none"
   if policy == "none":
     return fn
   if policy not in REMAT_POLICIES:

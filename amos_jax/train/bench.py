@@ -226,7 +226,7 @@ def _common(config, objective, params, report, analytic) -> dict:
   t, m = config.train, config.model
   out = {"config": objective.name, "batch_size": t.batch_size, "seq_len": t.seq_len,
          "dtype": m.dtype, "scan_layers": bool(m.get("scan_layers", True)),
-         "remat": str(m.get("remat", "none")), "rng_impl": t.get("rng_impl", "threefry"),
+         "remat": str(m.get("remat", "auto")), "rng_impl": t.get("rng_impl", "threefry"),
          "attention_dropout": m.attention_dropout,
          **{k: report[k] for k in ("lower_seconds", "compile_seconds",
                                    "lower_cpu_seconds", "compile_cpu_seconds")},
