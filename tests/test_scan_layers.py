@@ -85,6 +85,25 @@ def test_auto_remat_recomputes_under_scan_only():
                                          remat="dots_saveable")) == CFG.num_layers
 
 
+@pytest.mark.parametrize("scan", [True, False])
+def test_dots_saveable_keeps_the_dropout_masks(scan, capsys):
+  """Under dots_saveable the backward pass reads each layer's dropout masks
+  (attention probabilities, attention output, FFN output: bool residuals) instead of
+  hashing their random bits again."""
+  cfg = dataclasses.replace(CFG, scan_layers=scan, remat="dots_saveable")
+  graphdef, params = nnx.split(Encoder(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  ids = jnp.ones((2, 8), jnp.int32)
+  rng = rng_lib.per_row(jax.random.key(3), jnp.arange(2))
+  jax.ad_checkpoint.print_saved_residuals(
+      lambda p: nnx.merge(graphdef, p)(ids, ids, dropout_rng=rng)[-1].sum(), params)
+  masks = re.findall(r"^bool\[([\d,]+)\]", capsys.readouterr().out, re.M)
+  masks = [m for m in masks if m != "2,1,8,8"]  # the attention (padding) mask
+  layers = "3," if scan else ""
+  per_layer = [f"{layers}2,4,8,8", f"{layers}2,8,32", f"{layers}2,8,32"]
+  embeddings = ["2,8,16"]  # the embedding block's dropout, outside the layers
+  assert sorted(masks) == sorted(embeddings + per_layer * (1 if scan else CFG.num_layers))
+
+
 @pytest.mark.parametrize("name", ["electra", "amos"])
 def test_scanned_objective_equals_unrolled(name):
   """The full objective (dropout, masks, samples; AMOS taps at 1 and 3): equal loss

@@ -45,7 +45,7 @@ class EncoderConfig:
   relative_attention_buckets: int = 0  # 0: off; else T5 bias (not HF-exportable)
   relative_attention_max_distance: int = 128
   # What each layer keeps for the backward pass: 'none' (everything), 'dots_saveable'
-  # (matmul outputs; the rest is recomputed) or 'full' (only the layer's input).
+  # (matmul outputs and dropout masks; the rest is recomputed) or 'full' (only the layer's input).
   # 'auto': dots_saveable for layers under scan, none for unrolled ones (a scan
   # writes every kept value into an (L, ...) stack and reads it back; recomputing
   # the elementwise ops is cheaper than that traffic). True / False: full / none.
@@ -248,7 +248,13 @@ def _checkpointed(fn, policy: str, *, in_scan: bool):
     return fn
   if policy not in REMAT_POLICIES:
     raise ValueError(f"remat={policy!r}: use one of {', '.join(REMAT_POLICIES)}")
-  saveable = jax.checkpoint_policies.dots_saveable if policy == "dots_saveable" else None
+  saveable = None
+  if policy == "dots_saveable":
+    # The dropout masks too (1 byte per element): hashing their bits again costs
+    # more than keeping them.
+    cp = jax.checkpoint_policies
+    saveable = cp.save_from_both_policies(
+        cp.dots_saveable, cp.save_only_these_names(rng_lib.DROPOUT_KEEP))
   # Inside scan the loop boundary already stops XLA from merging the recomputation
   # back into the forward pass (jax.checkpoint's documented advice).
   return jax.checkpoint(fn, policy=saveable, prevent_cse=not in_scan)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 
 def _is_batched(rng: jax.Array) -> bool:
@@ -117,6 +118,9 @@ def uniform(key: jax.Array, shape: Sequence[int], minval: float = 0.0,
   return jnp.maximum(lo, floats * (hi - lo) + lo)
 
 
+DROPOUT_KEEP = "dropout_keep"  # the name of every dropout mask (see dropout_keep)
+
+
 def _keep_bits(key: jax.Array, shape: tuple, threshold: int) -> jax.Array:
   """Bernoulli(threshold / 2^16) from the 16-bit quarters of 64-bit hashes.
 
@@ -145,4 +149,6 @@ def dropout_keep(rng: jax.Array, rate: float, shape: Sequence[int]):
   if not 0 < threshold < 65536:
     raise ValueError(f"dropout rate {rate} must be in (0, 1)")
   keep = draw(lambda k, s: _keep_bits(k, s, threshold), rng, shape)
-  return keep, 65536.0 / threshold
+  # Named so that a remat policy can keep the mask (1 byte per element) instead of
+  # hashing its bits again in the backward pass (encoder._checkpointed).
+  return checkpoint_name(keep, DROPOUT_KEEP), 65536.0 / threshold
