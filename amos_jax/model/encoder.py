@@ -240,10 +240,16 @@ def _layer_fn(graphdef):
   return lambda params, x, mask, bias, rng: nnx.merge(graphdef, params)(x, mask, bias, rng)
 
 
+def resolve_remat(policy: str, in_scan: bool) -> str:
+  """'auto' -> dots_saveable for layers under scan, none for unrolled ones."""
+  if policy == "auto":
+    return "dots_saveable" if in_scan else "none"
+  return policy
+
+
 def _checkpointed(fn, policy: str, *, in_scan: bool):
   """`fn` under the remat policy (REMAT_POLICIES); 'none' leaves it as it is."""
-  if policy == "auto":
-    policy = "dots_saveable" if in_scan else "none"
+  policy = resolve_remat(policy, in_scan)
   if policy == "none":
     return fn
   if policy not in REMAT_POLICIES:

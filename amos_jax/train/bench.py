@@ -221,12 +221,22 @@ def aot_estimate(config) -> dict:
   return out
 
 
+def _remat_label(model_config) -> str:
+  """The configured remat policy, with what 'auto' resolves to."""
+  from amos_jax.model.encoder import EncoderConfig, resolve_remat
+  cfg = EncoderConfig.from_config(model_config)
+  policy = cfg.remat_policy
+  if policy != "auto":
+    return policy
+  return f"auto ({resolve_remat(policy, cfg.scan_layers and cfg.num_layers > 1)})"
+
+
 def _common(config, objective, params, report, analytic) -> dict:
   import jax
   t, m = config.train, config.model
   out = {"config": objective.name, "batch_size": t.batch_size, "seq_len": t.seq_len,
          "dtype": m.dtype, "scan_layers": bool(m.get("scan_layers", True)),
-         "remat": str(m.get("remat", "auto")), "rng_impl": t.get("rng_impl", "threefry"),
+         "remat": _remat_label(m), "rng_impl": t.get("rng_impl", "threefry"),
          "attention_dropout": m.attention_dropout,
          **{k: report[k] for k in ("lower_seconds", "compile_seconds",
                                    "lower_cpu_seconds", "compile_cpu_seconds")},
