@@ -45,7 +45,8 @@ class EncoderConfig:
   relative_attention_buckets: int = 0  # 0: off; else T5 bias (not HF-exportable)
   relative_attention_max_distance: int = 128
   # What each layer keeps for the backward pass: 'none' (everything), 'dots_saveable'
-  # (matmul outputs and dropout masks; the rest is recomputed) or 'full' (only the layer's input).
+  # (matmul outputs and dropout masks; the rest is recomputed) or 'full' (only the
+  # layer's input).
   # 'auto': dots_saveable for layers under scan, none for unrolled ones (a scan
   # writes every kept value into an (L, ...) stack and reads it back; recomputing
   # the elementwise ops is cheaper than that traffic). True / False: full / none.

@@ -101,7 +101,7 @@ def matmul_peak(dtype: str, size: int, repeats: int = 5) -> float:
 
 def time_steps(compiled, state, batch, warmup: int, windows: int, window_steps: int):
   """Per-step seconds of each window ((time of window_steps steps) / window_steps);
-  one sync per window; returns (times, final state)."""
+  one sync per window; returns (times, final state, last metrics or None)."""
   import jax
   metrics = None
   for _ in range(warmup):
