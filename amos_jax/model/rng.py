@@ -32,22 +32,16 @@ def split(rng: jax.Array, n: int) -> tuple[jax.Array, ...]:
   return tuple(keys[:, i] for i in range(n))
 
 
-def _vmap_is_exact(rng: jax.Array) -> bool:
-  """Whether vmapping a draw over keys gives each row what its key alone gives.
-
-  True for threefry (and raw uint32 keys); the RngBitGenerator-based 'rbg' and
-  'unsafe_rbg' batch their bits differently under vmap, so they draw row by row.
-  """
-  return _is_threefry(rng)
-
-
 def draw(sampler: Callable[[jax.Array, tuple], jax.Array], rng: jax.Array,
          shape: Sequence[int]) -> jax.Array:
   """sampler(key, shape); with per-row keys, row i is sampler(rng[i], shape[1:])."""
   shape = tuple(shape)
   if not _is_batched(rng):
     return sampler(rng, shape)
-  if _vmap_is_exact(rng):
+  # vmap over threefry keys gives each row what its key alone gives; the
+  # RngBitGenerator-based 'rbg' and 'unsafe_rbg' batch their bits differently under
+  # vmap, so they draw row by row.
+  if _is_threefry(rng):
     return jax.vmap(lambda k: sampler(k, shape[1:]))(rng)
   return jax.lax.map(lambda k: sampler(k, shape[1:]), rng)
 
