@@ -48,3 +48,26 @@ def test_analytic_flops_match_xla_within_a_sane_factor(name):
   analytic = get_objective(config).model_flops(4, 32)
   xla = compile_train_step(config, lower_only=True)["xla_flops"]
   assert 0.7 < xla / analytic["total"] < 2.0, (xla, analytic)
+
+
+def test_hlo_dots_counts_each_product_through_the_layer_loop():
+  """The dot inventory behind benchmarks/matmul_floor.py: a 5-step scan and its
+  backward pass hold 3 products per step (forward, input and weight gradients);
+  their FLOPs, times the loops' trip counts, must add up to the exact total."""
+  import jax
+  import jax.numpy as jnp
+
+  def loss(x, ws):
+    def body(h, w):
+      return jnp.tanh(h @ w), None
+    h, _ = jax.lax.scan(body, x, ws)
+    return jnp.sum(h)
+
+  x, ws = jnp.ones((64, 128)), jnp.ones((5, 128, 128)) * 0.01
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, ws).compile().as_text()
+  assert "while(" in text  # the loop is still a loop, so trip counts matter
+  dots = bench.hlo_dots(text)
+  assert sum(d.count for d in dots) == 15
+  assert sum(d.flops * d.count for d in dots) == 15 * 2 * 64 * 128 * 128
+  with pytest.raises(ValueError, match="trip count"):
+    bench.hlo_dots(text.replace('"known_trip_count"', '"unknown"'))

@@ -17,7 +17,10 @@ ESTIMATE of step time and MFU at the chip's datasheet figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import re
 import sys
 import time
 
@@ -97,6 +100,124 @@ def matmul_peak(dtype: str, size: int, repeats: int = 5) -> float:
     out.block_until_ready()
     best = min(best, time.perf_counter() - start)
   return 2.0 * size ** 3 / best
+
+
+_HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
+_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*)$")
+_HLO_ARRAY = re.compile(r"^(\w+)\[([\d,]*)\]\S* (\w[\w-]*)\(([^)]*)\)(.*)$")
+_HLO_TUPLE_OP = re.compile(r"^ (\w[\w-]*)\(([^)]*)\)(.*)$")
+
+
+def _hlo_instruction(line: str):
+  """(name, dtype, dims, op, operands, rest) of one HLO instruction line, or None;
+  a tuple-shaped instruction (a while loop) has dtype and dims None."""
+  m = _HLO_INSTRUCTION.match(line)
+  if not m:
+    return None
+  name, text = m.groups()
+  a = _HLO_ARRAY.match(text)
+  if a:
+    dtype, dims, op, operands, rest = a.groups()
+    return name, dtype, tuple(int(d) for d in dims.split(",") if d), op, operands, rest
+  if text.startswith("("):  # a tuple shape: skip to its closing parenthesis
+    depth = 0
+    for i, ch in enumerate(text):
+      depth += {"(": 1, ")": -1}.get(ch, 0)
+      if depth == 0:
+        t = _HLO_TUPLE_OP.match(text[i + 1:])
+        return (name, None, None) + t.groups() if t else None
+  return None
+_HLO_CALLEE = re.compile(r"\b(calls|body|to_apply)=%([\w.\-]+)")
+_HLO_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_HLO_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64",
+               "s32": "int32", "s8": "int8", "u8": "uint8"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Dot:
+  """One matrix product of a compiled program and how often a step runs it.
+
+  Shapes, dtypes (NumPy names) and dimension numbers as `lax.dot_general` takes
+  them; `count` multiplies
+  through the loops (known trip counts) and fusions that contain it.
+  """
+  lhs: tuple[int, ...]
+  rhs: tuple[int, ...]
+  dtype: str
+  out_dtype: str
+  contracting: tuple[tuple[int, ...], tuple[int, ...]]
+  batch: tuple[tuple[int, ...], tuple[int, ...]]
+  count: int
+
+  @property
+  def flops(self) -> int:
+    """2 * output size * contracted size, once."""
+    k = math.prod(self.lhs[i] for i in self.contracting[0])
+    lhs_free = math.prod(d for i, d in enumerate(self.lhs)
+                         if i not in self.contracting[0] + self.batch[0])
+    rhs_free = math.prod(d for i, d in enumerate(self.rhs)
+                         if i not in self.contracting[1] + self.batch[1])
+    return 2 * math.prod(self.lhs[i] for i in self.batch[0]) * lhs_free * rhs_free * k
+
+
+def hlo_dots(hlo_text: str) -> list[Dot]:
+  """Every `dot` of an optimized HLO module (`compiled.as_text()`), merged by shape
+  and dimension numbers, with its executions per run of the module.
+
+  A computation's multiplicity is the sum over its call sites (fusion `calls=`,
+  `to_apply=`, while `body=` times the loop's known trip count) of the caller's.
+  Raises ValueError for a while loop without a known trip count.
+  """
+  shapes, calls, dots, entry = {}, {}, {}, None
+  comp = None
+  for line in hlo_text.splitlines():
+    m = _HLO_COMPUTATION.match(line)
+    if m:
+      comp = m.group(1)
+      shapes[comp], calls[comp], dots[comp] = {}, [], []
+      if line.startswith("ENTRY"):
+        entry = comp
+      continue
+    parsed = _hlo_instruction(line) if comp else None
+    if not parsed:
+      continue
+    name, dtype, dims, op, operands, rest = parsed
+    shapes[comp][name] = (dtype, dims)
+    trip = 1
+    if op == "while":
+      t = _HLO_TRIP_COUNT.search(rest)
+      if t is None:
+        raise ValueError(f"while loop %{name} has no known trip count")
+      trip = int(t.group(1))
+    for kind, callee in _HLO_CALLEE.findall(rest):
+      calls[comp].append((callee, trip if kind == "body" else 1))
+    if op == "dot":
+      def dims_of(key):
+        d = re.search(key + r"=\{([\d,]*)\}", rest)
+        return tuple(int(x) for x in d.group(1).split(",") if x) if d else ()
+      lhs_name, rhs_name = (o.strip().lstrip("%") for o in operands.split(","))
+      dots[comp].append((lhs_name, rhs_name, dtype,
+                         (dims_of("lhs_contracting_dims"), dims_of("rhs_contracting_dims")),
+                         (dims_of("lhs_batch_dims"), dims_of("rhs_batch_dims"))))
+  if entry is None:
+    raise ValueError("no ENTRY computation in the HLO text")
+  multiplicity: dict[str, int] = {}
+
+  def visit(c, times):
+    multiplicity[c] = multiplicity.get(c, 0) + times
+    for callee, trip in calls.get(c, ()):
+      visit(callee, times * trip)
+
+  visit(entry, 1)
+  merged: dict[tuple, int] = {}
+  for c, times in multiplicity.items():
+    for lhs_name, rhs_name, out_dtype, contracting, batch in dots[c]:
+      lhs_dtype, lhs = shapes[c][lhs_name]
+      _, rhs = shapes[c][rhs_name]
+      key = (lhs, rhs, _HLO_DTYPES.get(lhs_dtype, lhs_dtype),
+             _HLO_DTYPES.get(out_dtype, out_dtype), contracting, batch)
+      merged[key] = merged.get(key, 0) + times
+  return [Dot(*key, count=n) for key, n in merged.items()]
 
 
 def time_steps(compiled, state, batch, warmup: int, windows: int, window_steps: int):
