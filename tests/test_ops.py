@@ -1,7 +1,7 @@
 """The hand-written backward passes of amos_jax.model.ops against autodiff.
 
-The references are the plain formulas written out here in jnp (two-pass LayerNorm,
-erf GELU, masked softmax -> dropout -> @ V) and differentiated by JAX; the ops must
+The references are the plain formulas written out here in jnp (x @ W + b, two-pass
+LayerNorm, erf GELU, masked softmax -> dropout -> @ V) and differentiated by JAX; the ops must
 give the same values and the same gradients for every input, and keep fewer
 residuals for the backward pass.
 """
@@ -41,6 +41,19 @@ def _check_grads(f, ref, *args):
   g = jax.random.normal(jax.random.key(3), y.shape)
   for got, want in zip(vjp(g), vjp_ref(g)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_dense_values_and_gradients_match_autodiff(with_bias):
+  """The kernel gradient formed as X^T G (leading axes contracted) is autodiff's."""
+  k = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(k[0], (2, 5, 16))
+  kernel = jax.random.normal(k[1], (16, 3))
+  if with_bias:
+    bias = jax.random.normal(k[2], (3,))
+    _check_grads(ops.dense, lambda x, w, b: x @ w + b, x, kernel, bias)
+  else:
+    _check_grads(lambda x, w: ops.dense(x, w, None), lambda x, w: x @ w, x, kernel)
 
 
 def test_layer_norm_values_and_gradients_match_autodiff():

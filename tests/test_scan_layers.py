@@ -13,6 +13,7 @@ from flax import nnx
 from amos_jax.model import rng as rng_lib
 from amos_jax.model.encoder import Encoder, EncoderConfig
 from amos_jax.objectives import get_objective
+from amos_jax.train import bench
 from tests.helpers import random_batch, tiny_config
 
 CFG = EncoderConfig(vocab_size=50, hidden_size=32, num_layers=3, num_heads=4,
@@ -102,6 +103,28 @@ def test_dots_saveable_keeps_the_dropout_masks(scan, capsys):
   per_layer = [f"{layers}2,4,8,8", f"{layers}2,8,32", f"{layers}2,8,32"]
   embeddings = ["2,8,16"]  # the embedding block's dropout, outside the layers
   assert sorted(masks) == sorted(embeddings + per_layer * (1 if scan else CFG.num_layers))
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_dots_saveable_recomputes_no_product(scan):
+  """dots_saveable keeps every product's output, so the backward pass runs the same
+  matrix products as without remat (counted in the compiled HLO, loops' trip counts
+  included) and `full` runs more. ops.dense hides its product from the policy, so
+  this holds only while the policy also keeps the named dense outputs."""
+  ids = jnp.ones((2, 8), jnp.int32)
+  rng = rng_lib.per_row(jax.random.key(3), jnp.arange(2))
+
+  def product_flops(remat):
+    cfg = dataclasses.replace(CFG, scan_layers=scan, remat=remat)
+    graphdef, params = nnx.split(Encoder(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    grad = jax.jit(jax.grad(
+        lambda p: nnx.merge(graphdef, p)(ids, ids, dropout_rng=rng)[-1].sum()))
+    dots = bench.hlo_dots(grad.lower(params).compile().as_text())
+    return sum(d.flops * d.count for d in dots)
+
+  none = product_flops("none")
+  assert product_flops("dots_saveable") == none
+  assert product_flops("full") > none
 
 
 @pytest.mark.parametrize("name", ["electra", "amos"])

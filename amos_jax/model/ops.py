@@ -10,7 +10,8 @@ back in the backward pass, so fewer residuals means less memory traffic on every
 backend and less activation memory per chip. The forward values are the same
 formulas; the gradients are the analytic ones (tested against autodiff of the plain
 formulas in tests/test_ops.py). `softmax_cross_entropy` (the MLM heads' loss) is
-here for its one-pass backward rather than its residuals.
+here for its one-pass backward rather than its residuals, and `dense` for the order
+of its kernel gradient's product.
 """
 from __future__ import annotations
 
@@ -21,6 +22,41 @@ import jax
 import jax.numpy as jnp
 
 _F32 = jnp.float32
+
+
+DENSE_OUT = "dense_out"  # the name of every dense output: what remat saves of it
+
+
+@jax.custom_vjp
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+  """x @ kernel + bias: (..., K), (K, N), (N,) or None -> (..., N).
+
+  The backward pass forms the kernel's gradient as X^T G, contracting the leading
+  axes of x and g, in the kernel's own (K, N) order. JAX's transpose of the product
+  forms (G^T X)^T instead, and XLA's CPU backend turns that into a transposed copy of
+  G and a product of two transposed operands that runs at about half the speed of
+  the others (benchmarks/matmul_floor.py). Hidden in a custom_vjp, the product is no
+  longer a `dot_general` that remat's dots_saveable would keep, so the output is
+  named (DENSE_OUT, by the caller) and the encoder's policy keeps that name.
+  """
+  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+  return y if bias is None else y + bias
+
+
+def _dense_fwd(x, kernel, bias):
+  return dense(x, kernel, bias), (x, kernel, bias is None)
+
+
+def _dense_bwd(res, g):
+  x, kernel, no_bias = res
+  lead = tuple(range(x.ndim - 1))
+  dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+  dkernel = jax.lax.dot_general(x, g, ((lead, lead), ((), ())))
+  dbias = None if no_bias else jnp.sum(g, axis=lead)
+  return dx, dkernel.astype(kernel.dtype), dbias
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
