@@ -31,13 +31,13 @@ DENSE_OUT = "dense_out"  # the name of every dense output: what remat saves of i
 def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
   """x @ kernel + bias: (..., K), (K, N), (N,) or None -> (..., N).
 
-  The backward pass forms the kernel's gradient as X^T G, contracting the leading
-  axes of x and g, in the kernel's own (K, N) order. JAX's transpose of the product
-  forms (G^T X)^T instead, and XLA's CPU backend turns that into a transposed copy of
-  G and a product of two transposed operands that runs at about half the speed of
-  the others (benchmarks/matmul_floor.py). Hidden in a custom_vjp, the product is no
-  longer a `dot_general` that remat's dots_saveable would keep, so the output is
-  named (DENSE_OUT, by the caller) and the encoder's policy keeps that name.
+  The backward pass forms the kernel's gradient as X^T G, x and g flattened to
+  (tokens, K) and (tokens, N), in the kernel's own (K, N) order. JAX's transpose of
+  the product forms (G^T X)^T instead, and XLA's CPU backend turns that into a
+  transposed copy of G and a product of two transposed operands that runs at about
+  half the speed of the others (benchmarks/matmul_floor.py). Hidden in a custom_vjp,
+  the product is no longer a `dot_general` that remat's dots_saveable would keep, so
+  the output is named (DENSE_OUT, by the caller) and the encoder's policy keeps it.
   """
   y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
   return y if bias is None else y + bias
@@ -49,10 +49,12 @@ def _dense_fwd(x, kernel, bias):
 
 def _dense_bwd(res, g):
   x, kernel, no_bias = res
-  lead = tuple(range(x.ndim - 1))
   dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
-  dkernel = jax.lax.dot_general(x, g, ((lead, lead), ((), ())))
-  dbias = None if no_bias else jnp.sum(g, axis=lead)
+  # As (tokens, K) and (tokens, N) matrices: contracted over all leading axes at
+  # once, XLA transposes x first, which costs more than it saves when unrolled.
+  x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  dkernel = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))
+  dbias = None if no_bias else jnp.sum(g2, axis=0)
   return dx, dkernel.astype(kernel.dtype), dbias
 
 
