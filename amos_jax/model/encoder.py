@@ -88,7 +88,7 @@ def _split(rng, n):
 
 
 def dense(cfg: EncoderConfig, d_in: int, d_out: int, axes, rngs: nnx.Rngs,
-          use_bias: bool = True) -> nnx.Linear:
+          use_bias: bool = True) -> Dense:
   init = nnx.initializers.normal(cfg.initializer_range)
   return Dense(
       d_in, d_out, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=jnp.float32,

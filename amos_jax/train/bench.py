@@ -106,6 +106,10 @@ _HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
 _HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*)$")
 _HLO_ARRAY = re.compile(r"^(\w+)\[([\d,]*)\]\S* (\w[\w-]*)\(([^)]*)\)(.*)$")
 _HLO_TUPLE_OP = re.compile(r"^ (\w[\w-]*)\(([^)]*)\)(.*)$")
+_HLO_CALLEE = re.compile(r"\b(calls|body|to_apply)=%([\w.\-]+)")
+_HLO_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_HLO_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64",
+               "s32": "int32", "s8": "int8", "u8": "uint8"}
 
 
 def _hlo_instruction(line: str):
@@ -127,10 +131,6 @@ def _hlo_instruction(line: str):
         t = _HLO_TUPLE_OP.match(text[i + 1:])
         return (name, None, None) + t.groups() if t else None
   return None
-_HLO_CALLEE = re.compile(r"\b(calls|body|to_apply)=%([\w.\-]+)")
-_HLO_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_HLO_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64",
-               "s32": "int32", "s8": "int8", "u8": "uint8"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +138,8 @@ class Dot:
   """One matrix product of a compiled program and how often a step runs it.
 
   Shapes, dtypes (NumPy names) and dimension numbers as `lax.dot_general` takes
-  them; `count` multiplies
-  through the loops (known trip counts) and fusions that contain it.
+  them; `count` multiplies through the loops (known trip counts) and fusions that
+  contain it.
   """
   lhs: tuple[int, ...]
   rhs: tuple[int, ...]
@@ -166,7 +166,8 @@ def hlo_dots(hlo_text: str) -> list[Dot]:
 
   A computation's multiplicity is the sum over its call sites (fusion `calls=`,
   `to_apply=`, while `body=` times the loop's known trip count) of the caller's.
-  Raises ValueError for a while loop without a known trip count.
+  Raises ValueError for a while loop without a known trip count and for a
+  conditional (which branch runs is not in the program text).
   """
   shapes, calls, dots, entry = {}, {}, {}, None
   comp = None
@@ -184,6 +185,8 @@ def hlo_dots(hlo_text: str) -> list[Dot]:
     name, dtype, dims, op, operands, rest = parsed
     shapes[comp][name] = (dtype, dims)
     trip = 1
+    if op == "conditional":
+      raise ValueError(f"%{name} is a conditional: its products cannot be counted")
     if op == "while":
       t = _HLO_TRIP_COUNT.search(rest)
       if t is None:
