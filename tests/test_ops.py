@@ -56,6 +56,14 @@ def test_dense_values_and_gradients_match_autodiff(with_bias):
     _check_grads(lambda x, w: ops.dense(x, w, None), lambda x, w: x @ w, x, kernel)
 
 
+def test_add_bias_values_and_gradients_match_autodiff():
+  """The bias gradient formed as ones @ G (sum_rows) is the sum over all leading axes."""
+  k = jax.random.split(jax.random.key(1), 2)
+  y = jax.random.normal(k[0], (2, 5, 7))
+  bias = jax.random.normal(k[1], (7,))
+  _check_grads(ops.add_bias, lambda y, b: y + b, y, bias)
+
+
 def test_layer_norm_values_and_gradients_match_autodiff():
   k = jax.random.split(jax.random.key(0), 3)
   x = 3.0 * jax.random.normal(k[0], (2, 5, 16)) + 1.5

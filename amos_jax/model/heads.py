@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from amos_jax.model import ops
 from amos_jax.model.encoder import EncoderConfig, dense, layer_norm
 from amos_jax.model.partitioning import with_logical_axes
 
@@ -27,9 +28,9 @@ class MLMHead(nnx.Module):
 
   def __call__(self, h: jax.Array, word_embeddings: jax.Array) -> jax.Array:
     """h: (..., H), word_embeddings: (V, E) -> float32 logits (..., V)."""
-    x = self.LayerNorm(jax.nn.gelu(self.dense(h), approximate=False))
+    x = self.LayerNorm(ops.gelu(self.dense(h)))
     logits = x @ word_embeddings.astype(x.dtype).T
-    return logits.astype(jnp.float32) + self.bias[...]
+    return ops.add_bias(logits.astype(jnp.float32), self.bias[...])
 
 
 class RTDHead(nnx.Module):
@@ -51,7 +52,7 @@ class RTDHead(nnx.Module):
   def __call__(self, h: jax.Array) -> jax.Array:
     """h: (B, T, H) -> float32 logits (B, T)."""
     if hasattr(self, "dense"):
-      h = jax.nn.gelu(self.dense(h), approximate=False)
+      h = ops.gelu(self.dense(h))
     return self.dense_prediction(h)[..., 0].astype(jnp.float32)
 
 

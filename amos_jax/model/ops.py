@@ -54,11 +54,41 @@ def _dense_bwd(res, g):
   # once, XLA transposes x first, which costs more than it saves when unrolled.
   x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
   dkernel = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))
-  dbias = None if no_bias else jnp.sum(g2, axis=0)
+  dbias = None if no_bias else sum_rows(g2)
   return dx, dkernel.astype(kernel.dtype), dbias
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def sum_rows(g2: jax.Array) -> jax.Array:
+  """Column sums of a (rows, N) matrix -> (N,) in g2.dtype (float32 accumulation).
+
+  Formed as the product ones(rows) @ g2, not `jnp.sum(g2, axis=0)`: a bias gradient
+  is this sum, and XLA's CPU backend reduces a (640, 30522) MLM-logits gradient over
+  its rows in about 100 ms, where the product takes under 3 ms; at the encoder's
+  widths both take under 1 ms.
+  """
+  ones = jnp.ones((g2.shape[0],), g2.dtype)
+  return jax.lax.dot_general(ones, g2, (((0,), (0,)), ((), ())),
+                             preferred_element_type=_F32).astype(g2.dtype)
+
+
+@jax.custom_vjp
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """y + bias: (..., N), (N,) -> (..., N); the bias gradient through `sum_rows`."""
+  return y + bias
+
+
+def _add_bias_fwd(y, bias):
+  return add_bias(y, bias), bias
+
+
+def _add_bias_bwd(bias, g):
+  return g, sum_rows(g.reshape(-1, g.shape[-1])).astype(bias.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -95,10 +125,25 @@ def _layer_norm_bwd(eps, res, g):
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
+def _normal_cdf(xf: jax.Array) -> jax.Array:
+  """Phi(x) = (1 + erf(x / sqrt 2)) / 2 in float32.
+
+  Through erf, as torch's GELU, not erfc as `jax.nn.gelu(approximate=False)`: XLA
+  expands erfc into two rational approximations, an exp and a division, all
+  evaluated and one selected, which made the forward GELU and its recomputation
+  in the backward pass 2.3x slower elementwise on CPU. GELU through either form
+  is within 1.1e-6 absolute of float64 over [-12, 12]; erf keeps less relative
+  precision only where GELU is tiny (1 + erf cancels: 5e-5 relative at x = -3).
+  """
+  return 0.5 * (1.0 + jax.lax.erf(xf * (1.0 / math.sqrt(2.0))))
+
+
 @jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, x * Phi(x), as BERT and ELECTRA use. Any shape."""
-  return jax.nn.gelu(x, approximate=False)
+  """Exact (erf) GELU, x * Phi(x), as BERT and ELECTRA use. Any shape, x.dtype out;
+  computed in float32."""
+  xf = x.astype(_F32)
+  return (xf * _normal_cdf(xf)).astype(x.dtype)
 
 
 def _gelu_fwd(x):
@@ -107,9 +152,8 @@ def _gelu_fwd(x):
 
 def _gelu_bwd(x, g):
   xf = x.astype(_F32)
-  cdf = 0.5 * (1.0 + jax.lax.erf(xf * (1.0 / math.sqrt(2.0))))
   pdf = jnp.exp(-0.5 * jnp.square(xf)) * (1.0 / math.sqrt(2.0 * math.pi))
-  return ((g.astype(_F32) * (cdf + xf * pdf)).astype(x.dtype),)
+  return ((g.astype(_F32) * (_normal_cdf(xf) + xf * pdf)).astype(x.dtype),)
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
