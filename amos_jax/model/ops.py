@@ -11,9 +11,9 @@ backend and less activation memory per chip. The forward values are the same
 formulas; the gradients are the analytic ones (tested against autodiff of the plain
 formulas in tests/test_ops.py). `softmax_cross_entropy` (the MLM heads' loss) is
 here for its one-pass backward rather than its residuals, `dense` for the order of
-its kernel gradient's product, and `sum_rows` / `add_bias` for the form of a bias
-gradient (a product with ones, not a row reduction, which is slow at vocabulary width
-on XLA's CPU backend).
+its kernel gradient's product, and `sum_rows` / `add_bias` for the form of the dense
+and MLM-head bias gradients (a product with ones, not a row reduction, which is slow
+at vocabulary width on XLA's CPU backend; LayerNorm's H-wide sums stay reductions).
 """
 from __future__ import annotations
 
