@@ -7,6 +7,10 @@ PYTHON ?= $(shell for p in python3.11 python3.12 python3.13 python3; do \
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= runs/demo
+# The suite runs in this many pytest-xdist workers, a test file per worker at a time.
+# Most of a test's time is single-threaded (tracing, XLA compilation, subprocess
+# start-up), so two workers keep a 2-core machine busy; 1 runs it in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test install install-test clean
 
@@ -38,7 +42,7 @@ demo: $(VENV)/.installed
 	$(BIN)/amos-train --config configs/demo.py --workdir $(DEMO_DIR)
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs
