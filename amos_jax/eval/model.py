@@ -11,7 +11,7 @@ hidden_states[layer] (0 = the embedding block), truncated to its first dim
 coordinates and, for cosine similarity, re-normalized.
 
 Embedding is length-bucketed: texts are sorted by token count and padded to one of
-a few lengths (`bucket_lengths`: at most 3 tokens up to 32, at most 25% above 64),
+a few lengths (`bucket_lengths`: at most 3 tokens more up to 32, 7 up to 64, 25% above),
 with rows per batch chosen so each batch holds about `batch_tokens` tokens (or
 `batch_size` rows) and the last batch of a length cut to a power of two of rows;
 only the shapes that occur compile a program.
@@ -374,6 +374,7 @@ def embed_layers(model: EmbeddingModel, texts: Sequence[str], layers: Sequence[i
         # length gets the fewest rows that hold it, rounded up to a power of two so
         # that few row counts compile.
         per_batch = batch_size or max(1, batch_tokens // t)
+        per_batch = -(-per_batch // n_dev) * n_dev
         for i in range(0, len(members), per_batch):
           take = members[i:i + per_batch]
           padded_rows = min(per_batch, 1 << int(len(take) - 1).bit_length())
