@@ -6,9 +6,9 @@ ELECTRA-small step at batch 32 x 128), and with 4 KiB pages it loses a measurabl
 part of its time to TLB misses. glibc (2.35 and later) can back the memory it maps
 with transparent huge pages (2 MiB), but only if told so when the process starts
 (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`): the step then runs about 10% faster
-(BENCHMARKS.md, "lean backward passes, huge pages, unrolled embedding"). The command-line tools call
-`use_huge_pages()` first thing, which re-executes the same command once with the
-tunable added to the environment. `AMOS_JAX_HUGE_PAGES=0` turns this off; an
+(BENCHMARKS.md, "lean backward passes, huge pages, unrolled embedding"). The
+command-line tools call `use_huge_pages()` first thing, which re-executes the same
+command once with the tunable added to the environment. `AMOS_JAX_HUGE_PAGES=0` turns this off; an
 explicit `glibc.malloc.hugetlb` setting in GLIBC_TUNABLES is left as it is.
 """
 from __future__ import annotations

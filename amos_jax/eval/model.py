@@ -346,6 +346,7 @@ def embed_layers(model: EmbeddingModel, texts: Sequence[str], layers: Sequence[i
     return out
   mesh = corpus_mesh()
   n_dev = mesh.devices.size
+  whole_devices = lambda rows: -(-rows // n_dev) * n_dev   # rows split evenly
   batch_sharding = NamedSharding(mesh, P(ROWS))
   params = jax.device_put(model.params, NamedSharding(mesh, P()))
   fn = _pooled_fn(model, layers, pooling)
@@ -373,12 +374,10 @@ def embed_layers(model: EmbeddingModel, texts: Sequence[str], layers: Sequence[i
         # About batch_tokens per batch (or batch_size rows); the last batch of a
         # length gets the fewest rows that hold it, rounded up to a power of two so
         # that few row counts compile.
-        per_batch = batch_size or max(1, batch_tokens // t)
-        per_batch = -(-per_batch // n_dev) * n_dev
+        per_batch = whole_devices(batch_size or max(1, batch_tokens // t))
         for i in range(0, len(members), per_batch):
           take = members[i:i + per_batch]
-          padded_rows = min(per_batch, 1 << int(len(take) - 1).bit_length())
-          padded_rows = -(-padded_rows // n_dev) * n_dev
+          padded_rows = whole_devices(min(per_batch, 1 << int(len(take) - 1).bit_length()))
           ids = np.full((padded_rows, t), tok.pad_id, np.int32)
           seg = np.zeros((padded_rows, t), np.int32)
           for r, idx in enumerate(take):
