@@ -16,7 +16,7 @@ import logging
 import sys
 from typing import Callable
 
-from amos_jax import hostmem
+from amos_jax import hostcpu, hostmem
 from amos_jax.errors import AmosError, ConfigError, one_line
 
 
@@ -108,8 +108,10 @@ def _train(argv: list[str]) -> int:
   from amos_jax.train.distributed import maybe_initialize_distributed, skip_absent_tpu
   if not config.mesh.get("topology"):
     skip_absent_tpu()
-  maybe_initialize_distributed(args.coordinator_address, args.num_processes,
-                               args.process_id)
+  processes = maybe_initialize_distributed(args.coordinator_address, args.num_processes,
+                                           args.process_id)
+  if processes == 1 and not config.mesh.get("topology") and not config.mesh.get("fake_devices"):
+    hostcpu.split_host(hostcpu.devices_for_config(config))
   from amos_jax.train import loop
   if args.compile_only:
     _compile_only(loop, config)

@@ -24,7 +24,7 @@ import tempfile
 
 import numpy as np
 
-from amos_jax import paths
+from amos_jax import hostcpu, paths
 from amos_jax.cli import from_command_line, run_command
 from amos_jax.errors import ConfigError
 from amos_jax.eval import metrics as metrics_lib
@@ -244,6 +244,8 @@ def run_eval(argv=None) -> int:
     raise ConfigError(f"--config.{overrides[0][0]}: --config.KEY=VALUE applies to "
                       "amos-eval glue only")
   args.overrides = overrides
+  # Fine-tuning splits its batch over the devices: one device unless asked for more.
+  hostcpu.split_host(1 if args.command == "glue" else None)
   return {"sts": _sts, "retrieval": _retrieval, "grid": _grid,
           "glue": glue.command}[args.command](args)
 

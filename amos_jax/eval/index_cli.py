@@ -15,6 +15,7 @@ import json
 import os
 import time
 
+from amos_jax import hostcpu
 from amos_jax.errors import ConfigError, DataError, one_line
 from amos_jax.eval.cli import (Parser, add_model_args, embed_options, load_model_arg,
                                markdown_table, parse_size, run_header, write_results)
@@ -273,5 +274,6 @@ def run_index(argv=None) -> int:
   if args.candidate_size and limit and args.candidates < limit:
     raise ConfigError(f"--candidates {args.candidates} is below the {limit} hits asked "
                       "for; give at least as many candidates")
+  hostcpu.split_host()
   return {"build": _index_build, "query": _index_query,
           "recall": _index_recall}[args.command](args)

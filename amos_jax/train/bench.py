@@ -451,6 +451,8 @@ def main(argv=None) -> int:
     out = aot_estimate(config)
   else:
     skip_absent_tpu()
+    from amos_jax import hostcpu
+    hostcpu.split_host(hostcpu.devices_for_config(config))
     out = run(config, args)
   print(format_table(out))
   if args.json:
