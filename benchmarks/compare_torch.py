@@ -38,8 +38,10 @@ def main(argv=None):
   if config.objective.name != "electra":
     raise SystemExit("compare_torch.py compares the ELECTRA recipe: use configs/electra.py")
 
+  from amos_jax import hostcpu
   from amos_jax.train.distributed import skip_absent_tpu
   skip_absent_tpu()
+  hostcpu.split_host(hostcpu.devices_for_config(config))  # as amos-train does
   import jax
   from amos_jax.model.partitioning import axis_rules
   from amos_jax.objectives import get_objective
@@ -82,13 +84,14 @@ def main(argv=None):
   tokens = t.batch_size * t.seq_len
   jm, tm = float(np.median(jax_times)), float(np.median(torch_times))
   out = {"batch": t.batch_size, "seq_len": t.seq_len, "dtype": m.dtype,
+         "jax_devices": jax.device_count(),
          "rounds": args.rounds, "window_steps": args.window_steps,
          "jax_first_step_s": first_jax, "jax_median_step_s": jm,
          "torch_median_step_s": tm, "jax_tokens_per_s": tokens / jm,
          "torch_tokens_per_s": tokens / tm, "ratio": tm / jm,
          "round_ratios": [b / a for a, b in zip(jax_times, torch_times)],
          "jax_step_s": jax_times, "torch_step_s": torch_times}
-  print(f"JAX   {jm:.3f} s/step  {tokens / jm:,.0f} tokens/s (first step {first_jax:.1f} s)")
+  print(f"JAX   {jm:.3f} s/step on {jax.device_count()} device(s),  {tokens / jm:,.0f} tokens/s (first step {first_jax:.1f} s)")
   print(f"torch {tm:.3f} s/step  {tokens / tm:,.0f} tokens/s")
   print(f"ratio {tm / jm:.2f}x (per round: "
         f"{', '.join(f'{r:.2f}' for r in out['round_ratios'])})")

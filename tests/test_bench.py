@@ -71,3 +71,31 @@ def test_hlo_dots_counts_each_product_through_the_layer_loop():
   assert sum(d.flops * d.count for d in dots) == 15 * 2 * 64 * 128 * 128
   with pytest.raises(ValueError, match="trip count"):
     bench.hlo_dots(text.replace('"known_trip_count"', '"unknown"'))
+
+
+_BENCH_ON_HOST_DEVICES = """
+import json, sys
+from amos_jax.train import bench
+bench.matmul_peak = lambda dtype, size: 1e9  # a known peak: what the table divides by
+bench.main(sys.argv[1:])
+"""
+
+
+def test_cpu_host_devices_share_one_matmul_peak(tmp_path):
+  """Split into two CPU devices (amos_jax/hostcpu.py), the step runs on both, but they
+  share the host's cores: the MFU is against one host's peak, not two devices'."""
+  import subprocess
+  import sys
+  out = tmp_path / "bench.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, AMOS_JAX_CPU_DEVICES="2")
+  r = subprocess.run([sys.executable, "-c", _BENCH_ON_HOST_DEVICES, "--config",
+                      f"{ROOT}/configs/electra.py:tiny", *TINY, "--windows", "1",
+                      "--window_steps", "1", "--json", str(out)],
+                     env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["devices"] == 2
+  assert result["matmul_peak_flops"] == 1e9
+  assert result["mfu_vs_measured_matmul"] == pytest.approx(
+      result["model_flops_per_step"] / result["step_seconds_median"] / 1e9)

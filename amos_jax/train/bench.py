@@ -281,6 +281,9 @@ def run(config, args) -> dict:
   n = jax.device_count()
   analytic = objective.model_flops(t.batch_size, t.seq_len)
   peak = matmul_peak(config.model.dtype, args.matmul_size)
+  # The peak of all devices: chips add up, but a CPU host's devices (one per core,
+  # amos_jax/hostcpu.py) share one thread pool, so one device's matmul is the host's.
+  peak_devices = 1 if device.platform == "cpu" else n
   out = _common(config, objective, state.params, report, analytic)
   out.update(xla_step_flops(config))
   out.update(
@@ -292,11 +295,11 @@ def run(config, args) -> dict:
       f"{args.window_steps} steps after {args.warmup} warm-up step(s)",
       tokens_per_second=t.batch_size * t.seq_len / med,
       loss=float(jax.device_get(metrics["loss"])),
-      matmul_peak_flops=peak * n, matmul_peak_dtype=config.model.dtype)
+      matmul_peak_flops=peak * peak_devices, matmul_peak_dtype=config.model.dtype)
   total = analytic.get("total")
   if total:
     out["model_flops_per_second"] = total / med
-    out["mfu_vs_measured_matmul"] = total / med / (peak * n)
+    out["mfu_vs_measured_matmul"] = total / med / (peak * peak_devices)
     sheet = DATASHEET.get(device.device_kind)
     if sheet:
       out["mfu_vs_datasheet"] = total / med / (sheet[0] * n)
