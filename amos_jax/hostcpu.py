@@ -5,10 +5,11 @@ and context PV over (batch, heads), on one core: it loops over the batch calling
 small matrix kernel that stays on one thread. JAX gives a CPU host one device. Split
 into one device per core, with the batch split over them as the data axis, each
 device runs its share of those products on its own core, while the large products
-still use every core of the shared thread pool. Measured in one process on a 2-core
-host (BENCHMARKS.md, "one device per core"): the ELECTRA-small step takes about
-0.93 of its one-device time, and all-MiniLM-L6-v2 embedding 0.83, with the same
-embeddings.
+still use every core of the shared thread pool. On a 2-core host (BENCHMARKS.md,
+"one device per core"): all-MiniLM-L6-v2 embedding takes 0.83-0.92 of its
+one-device time, with identical embeddings, and the ELECTRA-small step went from
+1.83x to 1.96x the transformers recipe (medians of five pairs of runs), at 2-3 s
+more compilation.
 
 The command-line tools call `split_host` before JAX starts its CPU client:
 
