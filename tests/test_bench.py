@@ -74,7 +74,7 @@ def test_hlo_dots_counts_each_product_through_the_layer_loop():
 
 
 _BENCH_ON_HOST_DEVICES = """
-import json, sys
+import sys
 from amos_jax.train import bench
 bench.matmul_peak = lambda dtype, size: 1e9  # a known peak: what the table divides by
 bench.main(sys.argv[1:])
@@ -87,12 +87,12 @@ def test_cpu_host_devices_share_one_matmul_peak(tmp_path):
   import subprocess
   import sys
   out = tmp_path / "bench.json"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, AMOS_JAX_CPU_DEVICES="2")
+  from tests.train_helpers import env_for_host
   r = subprocess.run([sys.executable, "-c", _BENCH_ON_HOST_DEVICES, "--config",
                       f"{ROOT}/configs/electra.py:tiny", *TINY, "--windows", "1",
                       "--window_steps", "1", "--json", str(out)],
-                     env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+                     env=env_for_host("2"), capture_output=True, text=True, timeout=300,
+                     cwd=ROOT)
   assert r.returncode == 0, r.stderr[-3000:]
   result = json.loads(out.read_text())
   assert result["devices"] == 2

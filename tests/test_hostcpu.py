@@ -13,7 +13,7 @@ from amos_jax import config as config_lib
 from amos_jax import hostcpu
 from amos_jax.errors import ConfigError
 from amos_jax.train.metrics import read_metrics
-from tests.train_helpers import ROOT, corpus_and_tokenizer, train_cmd  # noqa: F401
+from tests.train_helpers import ROOT, corpus_and_tokenizer, env_for_host, train_cmd  # noqa: F401
 
 
 @pytest.mark.parametrize("value, count", [("", None), ("auto", None), (" AUTO ", None),
@@ -65,9 +65,8 @@ print(set_to, len(jax.devices("cpu")), hostcpu.host_cores())
 
 
 def _split(args=(), cores=None, **env_changes):
-  env = {k: v for k, v in os.environ.items()
-         if k not in (hostcpu.ENV, "XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **env_changes)
+  env = env_for_host()
+  env.update(env_changes)
   r = subprocess.run(
       [sys.executable, "-c", _SPLIT, *map(str, args)], env=env, capture_output=True,
       text=True, timeout=120, cwd=ROOT,
@@ -98,12 +97,11 @@ def test_a_run_split_over_host_devices_trains_to_the_same_losses(
   them as the data axis: the same rows, so the same losses up to summation order."""
   runs = {}
   for devices in ("1", "2"):
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, AMOS_JAX_CPU_DEVICES=devices)
     work = tmp_path / devices
     r = subprocess.run(train_cmd(work, corpus_and_tokenizer, "--config.train.steps=4",
                                  "--config.checkpoint.every=4"),
-                       env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+                       env=env_for_host(devices), capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     mesh = re.search(r"mesh \{'data': (\d+)", r.stderr)
     assert mesh and mesh.group(1) == devices, r.stderr[-2000:]

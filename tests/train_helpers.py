@@ -35,6 +35,17 @@ def env_for(devices: int = 1) -> dict:
   return env
 
 
+def env_for_host(cpu_devices: str | None = None) -> dict:
+  """env_for without a device count given to JAX, so that amos_jax/hostcpu.py sizes
+  the CPU client: from AMOS_JAX_CPU_DEVICES=cpu_devices, or `auto` where None."""
+  env = env_for()
+  for key in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", "AMOS_JAX_CPU_DEVICES"):
+    env.pop(key, None)
+  if cpu_devices is not None:
+    env["AMOS_JAX_CPU_DEVICES"] = cpu_devices
+  return env
+
+
 @pytest.fixture(scope="session")
 def corpus_and_tokenizer(tmp_path_factory):
   """A synthetic text corpus and a 128-piece sentencepiece model trained on it."""
