@@ -111,7 +111,7 @@ def _train(argv: list[str]) -> int:
   processes = maybe_initialize_distributed(args.coordinator_address, args.num_processes,
                                            args.process_id)
   if processes == 1 and not config.mesh.get("topology") and not config.mesh.get("fake_devices"):
-    hostcpu.split_host(hostcpu.devices_for_config(config))
+    hostcpu.split_host(1)   # more devices only when asked (amos_jax/hostcpu.py)
   from amos_jax.train import loop
   if args.compile_only:
     _compile_only(loop, config)

@@ -41,7 +41,7 @@ def main(argv=None):
   from amos_jax import hostcpu
   from amos_jax.train.distributed import skip_absent_tpu
   skip_absent_tpu()
-  hostcpu.split_host(hostcpu.devices_for_config(config))  # as amos-train does
+  hostcpu.split_host(1)  # as amos-train: AMOS_JAX_CPU_DEVICES=N to split
   import jax
   from amos_jax.model.partitioning import axis_rules
   from amos_jax.objectives import get_objective

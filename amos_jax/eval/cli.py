@@ -244,7 +244,7 @@ def run_eval(argv=None) -> int:
     raise ConfigError(f"--config.{overrides[0][0]}: --config.KEY=VALUE applies to "
                       "amos-eval glue only")
   args.overrides = overrides
-  # Fine-tuning splits its batch over the devices: one device unless asked for more.
+  # Fine-tuning trains: one device unless asked for more, as amos-train.
   hostcpu.split_host(1 if args.command == "glue" else None)
   return {"sts": _sts, "retrieval": _retrieval, "grid": _grid,
           "glue": glue.command}[args.command](args)

@@ -455,7 +455,7 @@ def main(argv=None) -> int:
   else:
     skip_absent_tpu()
     from amos_jax import hostcpu
-    hostcpu.split_host(hostcpu.devices_for_config(config))
+    hostcpu.split_host(1)   # as amos-train: more devices only when asked
     out = run(config, args)
   print(format_table(out))
   if args.json:
