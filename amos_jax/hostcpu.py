@@ -72,14 +72,20 @@ def split_host(auto_count: int | None = None) -> int:
 
   auto_count: the count for `auto` (default: one per core; training passes 1).
   """
-  import jax
-  from jax._src import xla_bridge
   count = requested_devices()
   if count is None:
     if device_count_was_given():
       return 0
     count = host_cores() if auto_count is None else auto_count
-  if count <= 1 or xla_bridge.backends_are_initialized():
-    return 0
-  jax.config.update("jax_num_cpu_devices", count)
-  return count
+  return count if count > 1 and size_cpu_client(count) else 0
+
+
+def size_cpu_client(count: int) -> bool:
+  """Asks JAX's CPU client for `count` devices (at least as many as asked before);
+  False where the client has started and can no longer be sized."""
+  import jax
+  from jax._src import xla_bridge
+  if xla_bridge.backends_are_initialized():
+    return False
+  jax.config.update("jax_num_cpu_devices", max(count, jax.config.jax_num_cpu_devices))
+  return True

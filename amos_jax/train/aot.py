@@ -80,9 +80,8 @@ def fake_cpu_devices(n: int) -> list[jax.Device]:
   Tests and `--compile_only` without a topology use them to compile a multi-device
   step on one machine.
   """
-  from jax._src import xla_bridge
-  if not xla_bridge.backends_are_initialized():
-    jax.config.update("jax_num_cpu_devices", max(n, jax.config.jax_num_cpu_devices))
+  from amos_jax.hostcpu import size_cpu_client
+  size_cpu_client(n)
   devices = jax.devices("cpu")
   if len(devices) < n:
     raise ConfigError(
