@@ -126,3 +126,29 @@ def test_retrieval_ndcg_equals_sentence_transformers(tmp_path, capsys, model_pat
   assert ours["ndcg@10"] == pytest.approx(float(theirs["ndcg@10"]), abs=1e-4)
   assert ours["recall@10"] == pytest.approx(float(theirs["recall@10"]), abs=1e-4)
   assert ours["ndcg@10"] > 0.5
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_packed_embeddings_equal_transformers(model_path, pooling):
+  """Short texts packed several to a row (each its own segment and positions) and a
+  long text alone embed as transformers embeds each text in a padded batch."""
+  from amos_jax.eval.model import embed, load_model, plan_rows, bucket_lengths
+  rng = np.random.default_rng(2)
+  texts = [f"{SUBJECTS[rng.integers(10)]} {ACTIONS[rng.integers(10)]}."
+           for _ in range(40)] + [" ".join(ACTIONS) * 2]
+  model = load_model(f"hf:{model_path}", pooling=pooling)
+  lengths = np.array([len(ids) + 2 for ids, _ in model.tokenizer.encode_batch(texts)])
+  plan = plan_rows(lengths, bucket_lengths(model.max_len), model.width)
+  assert max(len(row) for _, row in plan) > 2, plan    # rows are packed
+  ours = embed(model, texts, batch_size=16, progress=False)
+
+  tok = transformers.AutoTokenizer.from_pretrained(model_path)
+  ref = transformers.AutoModel.from_pretrained(model_path).eval()
+  batch = tok(texts, padding=True, truncation=True, max_length=model.max_len,
+              return_tensors="pt")
+  with torch.no_grad():
+    h = ref(**batch).last_hidden_state
+  m = batch["attention_mask"][..., None].float()
+  theirs = (((h * m).sum(1) / m.sum(1)) if pooling == "mean" else h[:, 0]).numpy()
+  theirs /= np.linalg.norm(theirs, axis=1, keepdims=True)
+  np.testing.assert_allclose(ours, theirs, atol=1e-5)

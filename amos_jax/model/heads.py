@@ -66,3 +66,21 @@ def cls_pool(hidden: jax.Array, segment_ids: jax.Array | None = None) -> jax.Arr
   """The first token's hidden state: (B, T, H) -> (B, H) float32."""
   del segment_ids
   return hidden[:, 0].astype(jnp.float32)
+
+
+def pool_segments(hidden: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+                  slots: int, pooling: str) -> jax.Array:
+  """Pooling per text of packed rows: (B, T, H), (B, T), (B, T) -> (B, slots, H) f32.
+
+  Row b's text s (s = 1..slots) is its tokens with segment_ids == s; "mean" averages
+  them, "cls" takes the text's first token (position 0). A row of one text
+  (slots = 1) pools as `mean_pool` / `cls_pool`. Slots with no tokens are zero.
+  """
+  picked = segment_ids[:, None, :] == jnp.arange(1, slots + 1)[None, :, None]  # (B, S, T)
+  if pooling == "cls":
+    picked &= (positions == 0)[:, None, :]
+  w = picked.astype(jnp.float32)
+  # A 0/1 weighted sum; HIGHEST keeps TPUs from rounding the f32 states to bf16.
+  total = jnp.einsum("bst,bth->bsh", w, hidden.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+  return total / jnp.maximum(w.sum(-1, keepdims=True), 1.0)
