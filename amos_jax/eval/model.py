@@ -311,17 +311,23 @@ def _best_fit_decreasing(order: np.ndarray, lengths: np.ndarray, row_len: int,
   texts and <= row_len tokens: each text goes to the open row it fills most tightly."""
   rows: list[list[int]] = []
   open_rows: list[list[int]] = [[] for _ in range(row_len + 1)]  # by free tokens
+  has_open = 0            # bit f set: some open row has f free tokens
   for i in order:
     need = int(lengths[i])
-    free = next((f for f in range(need, row_len + 1) if open_rows[f]), None)
-    if free is None:
+    fitting = has_open >> need
+    if fitting:
+      free = need + (fitting & -fitting).bit_length() - 1    # the tightest fit
+      r = open_rows[free].pop()
+      if not open_rows[free]:
+        has_open &= ~(1 << free)
+    else:
       r, free = len(rows), row_len
       rows.append([])
-    else:
-      r = open_rows[free].pop()
     rows[r].append(int(i))
-    if len(rows[r]) < slots and free - need >= 2:   # the shortest text: [CLS] [SEP]
-      open_rows[free - need].append(r)
+    left = free - need
+    if len(rows[r]) < slots and left >= 2:   # the shortest text: [CLS] [SEP]
+      open_rows[left].append(r)
+      has_open |= 1 << left
   return rows
 
 
@@ -338,19 +344,19 @@ def plan_rows(lengths: np.ndarray, buckets: Sequence[int], width: int
   lengths = np.asarray(lengths)
   bucket_of = np.asarray(buckets)[np.searchsorted(buckets, lengths)]
   order = np.argsort(-lengths, kind="stable")
-  cost = lambda t, rows: rows * (t + t * t / (6 * width))
-  alone = [(int(bucket_of[i]), [int(i)]) for i in order]
-  best, best_cost = alone, sum(cost(t, 1) for t, _ in alone)
+  cost = lambda t: t + t * t / (6 * width)
+  alone_cost = cost(bucket_of.astype(np.float64))
+  best_r, best_rows, best_cost = 0, [], alone_cost.sum()
   for r in PACK_LENGTHS:
     if r not in buckets or (lengths <= r).sum() < 2:
       continue
-    fits = order[lengths[order] <= r]
-    packed = _best_fit_decreasing(fits, lengths, r, min(PACK_SLOTS, r // 2))
-    plan = [row for row in alone if lengths[row[1][0]] > r] + [(r, row) for row in packed]
-    c = sum(cost(t, 1) for t, _ in plan)
+    rows = _best_fit_decreasing(order[lengths[order] <= r], lengths, r,
+                                min(PACK_SLOTS, r // 2))
+    c = alone_cost[lengths > r].sum() + len(rows) * cost(r)
     if c < best_cost:
-      best, best_cost = plan, c
-  return best
+      best_r, best_rows, best_cost = r, rows, c
+  return [(int(bucket_of[i]), [int(i)]) for i in order if lengths[i] > best_r] + [
+      (best_r, row) for row in best_rows]
 
 
 def _pooled_fn(model: EmbeddingModel, layers: tuple[int, ...], pooling: str, slots: int):
