@@ -119,3 +119,28 @@ def test_embedding_runs_the_layers_unrolled_without_stacking_parameters():
   ids = jnp.ones((2, 8), jnp.int32)
   jaxpr = str(jax.make_jaxpr(fn)(model.params, ids, ids, ids))
   assert "scan[" not in jaxpr and "concatenate" not in jaxpr
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_pool_segments_equals_numpy_per_text(pooling):
+  """Each packed text pools over its own tokens only (mean) or takes its first token
+  (cls); slots without a text are zero."""
+  import jax.numpy as jnp
+  from amos_jax.model.heads import pool_segments
+  rng = np.random.default_rng(0)
+  texts = [[3, 5, 2], [7], [4, 4]]          # token counts of each row's texts
+  t, slots, h = 12, 4, 8
+  hidden = rng.standard_normal((len(texts), t, h)).astype(np.float32)
+  seg = np.zeros((len(texts), t), np.int32)
+  pos = np.zeros((len(texts), t), np.int32)
+  expected = np.zeros((len(texts), slots, h), np.float32)
+  for b, lengths in enumerate(texts):
+    at = 0
+    for s, m in enumerate(lengths):
+      seg[b, at:at + m], pos[b, at:at + m] = s + 1, np.arange(m)
+      span = hidden[b, at:at + m]
+      expected[b, s] = span.mean(0) if pooling == "mean" else span[0]
+      at += m
+  got = pool_segments(jnp.asarray(hidden), jnp.asarray(seg), jnp.asarray(pos), slots,
+                      pooling)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6, atol=1e-6)
