@@ -35,7 +35,8 @@ def main(argv=None):
   p.add_argument("--data", required=True, help="an STS-B csv (tab-separated)")
   p.add_argument("--model", default="")
   p.add_argument("--batch_size", type=int, default=64,
-                 help="texts per batch, both sides (ours: rows per padded batch)")
+                 help="texts per batch, both sides (ours: at most that many on average; "
+                      "a packed row holds several short texts)")
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
   p.add_argument("--json", default="")
