@@ -395,7 +395,8 @@ def embed_layers(model: EmbeddingModel, texts: Sequence[str], layers: Sequence[i
 
   batch_tokens: padded tokens per batch (rows = batch_tokens // row length), or
   batch_size: at most that many texts per batch on average whatever their length (as
-  sentence-transformers' encode; a batch of packed rows holds the rows' texts).
+  sentence-transformers' encode; a batch of packed rows holds the rows' texts, and at
+  least one row per device).
   out: where to write them (e.g. a np.memmap for a corpus larger than memory).
   """
   layers = tuple(int(l) for l in layers)
