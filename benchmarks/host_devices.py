@@ -51,7 +51,8 @@ def main(argv=None):
   config = config_lib.freeze(config)
 
   import jax
-  jax.config.update("jax_num_cpu_devices", max(counts))
+  from amos_jax.hostcpu import size_cpu_client
+  size_cpu_client(max(counts))
   from amos_jax.model.partitioning import axis_rules
   from amos_jax.objectives import get_objective
   from amos_jax.train import sharding as shd

@@ -305,6 +305,11 @@ PACK_LENGTHS = (32, 64, 128)   # packed row lengths embed_layers weighs
 PACK_SLOTS = 16                # texts a packed row holds at most
 
 
+def pack_slots(row_len: int) -> int:
+  """Texts a packed row of row_len tokens holds at most (the shortest: [CLS] [SEP])."""
+  return min(PACK_SLOTS, row_len // 2)
+
+
 def _best_fit_decreasing(order: np.ndarray, lengths: np.ndarray, row_len: int,
                          slots: int) -> list[list[int]]:
   """Texts (`order`: longest first, each <= row_len tokens) -> rows of <= `slots`
@@ -350,8 +355,7 @@ def plan_rows(lengths: np.ndarray, buckets: Sequence[int], width: int
   for r in PACK_LENGTHS:
     if r not in buckets or (lengths <= r).sum() < 2:
       continue
-    rows = _best_fit_decreasing(order[lengths[order] <= r], lengths, r,
-                                min(PACK_SLOTS, r // 2))
+    rows = _best_fit_decreasing(order[lengths[order] <= r], lengths, r, pack_slots(r))
     c = alone_cost[lengths > r].sum() + len(rows) * cost(r)
     if c < best_cost:
       best_r, best_rows, best_cost = r, rows, c
@@ -434,9 +438,8 @@ def embed_layers(model: EmbeddingModel, texts: Sequence[str], layers: Sequence[i
       for t, row in plan_rows(lengths, buckets, model.width):
         by_length.setdefault(t, []).append(row)
       for t, plan in by_length.items():
-        slots = max(len(row) for row in plan)
-        slots = 1 if slots == 1 else min(PACK_SLOTS, t // 2)
-        fn = _pooled_fn(model, layers, pooling, slots)
+        packed = max(len(row) for row in plan) > 1
+        fn = _pooled_fn(model, layers, pooling, pack_slots(t) if packed else 1)
         # About batch_tokens per batch (or batch_size texts); the last batch of a
         # length gets the fewest rows that hold it, rounded up to a power of two so
         # that few row counts compile.
@@ -449,7 +452,7 @@ def embed_layers(model: EmbeddingModel, texts: Sequence[str], layers: Sequence[i
           ids = np.full((padded_rows, t), tok.pad_id, np.int32)
           seg = np.zeros((padded_rows, t), np.int32)
           pos = np.zeros((padded_rows, t), np.int32)
-          where = ([], [], [])
+          where = []   # (text, row, slot) of each text in the batch
           for r, row in enumerate(take):
             at = 0
             for s, idx in enumerate(row):
@@ -458,13 +461,12 @@ def embed_layers(model: EmbeddingModel, texts: Sequence[str], layers: Sequence[i
               seg[r, at:at + m] = s + 1
               pos[r, at:at + m] = np.arange(m)
               at += m
-              for w, v in zip(where, (start + idx, r, s)):
-                w.append(v)
+              where.append((start + idx, r, s))
           result = fn(params, *(jax.device_put(a, batch_sharding) for a in (ids, seg, pos)))
           # One batch in flight: the device computes while the host pads the next.
           if pending is not None:
             fetch(pending)
-          pending = (tuple(np.asarray(w) for w in where), result)
+          pending = (np.array(where).T, result)
     if pending is not None:
       fetch(pending)
   finally:
