@@ -146,11 +146,11 @@ def _predict(config, workdir: str, task):
   from amos_jax.hf.export import load_run
   from amos_jax.objectives import get_objective
   from amos_jax.objectives.base import SpecialTokens
+  from amos_jax.train.state import abstract_model
   _, flat, step = load_run(workdir)
   tok = load_tokenizer(config.data.tokenizer)
   objective = get_objective(config, SpecialTokens.of(tok))
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: objective.build_model(
-      nnx.Rngs(0))), nnx.Param)
+  graphdef, abstract = abstract_model(objective)
   filled = []
   for path, var in nnx.to_flat_state(abstract):
     if tuple(path) not in flat:

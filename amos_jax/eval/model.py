@@ -39,6 +39,7 @@ from amos_jax.errors import AmosError, CheckpointError, ConfigError, DataError, 
 from amos_jax.eval.search import ROWS, corpus_mesh
 from amos_jax.model.encoder import Encoder, EncoderConfig
 from amos_jax.model.heads import pool_segments
+from amos_jax.model.tracing import cheap_tracer_errors
 from amos_jax.train.sharding import compiler_options
 
 POOLINGS = ("mean", "cls")
@@ -147,7 +148,8 @@ class EmbeddingModel:
 
 
 def _bare_encoder(cfg: EncoderConfig):
-  encoder = nnx.eval_shape(lambda: Encoder(cfg, rngs=nnx.Rngs(0)))
+  with cheap_tracer_errors():
+    encoder = nnx.eval_shape(lambda: Encoder(cfg, rngs=nnx.Rngs(0)))
   return nnx.split(encoder, nnx.Param)
 
 
