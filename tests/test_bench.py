@@ -24,10 +24,11 @@ def test_amos_bench_runs_on_a_tiny_config(tmp_path, capsys):
                      "--windows", "2", "--window_steps", "2", "--matmul_size", "128",
                      "--json", str(out)]) == 0
   table = capsys.readouterr().out
-  for row in ("compilation", "step time (median)", "tokens/s", "MFU vs measured matmul"):
+  for row in ("compilation", "state init", "step time (median)", "tokens/s",
+              "MFU vs measured matmul"):
     assert row in table
   r = json.loads(out.read_text())
-  assert r["compile_seconds"] > 0 and r["lower_seconds"] > 0
+  assert r["compile_seconds"] > 0 and r["lower_seconds"] > 0 and r["init_seconds"] > 0
   assert len(r["step_times"]) == 2 and r["step_seconds_median"] > 0
   assert r["tokens_per_second"] == pytest.approx(4 * 32 / r["step_seconds_median"])
   assert 0 < r["mfu_vs_measured_matmul"] < 1.5
