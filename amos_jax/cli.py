@@ -104,6 +104,9 @@ def parse_train_args(argv: list[str]):
 def _train(argv: list[str]) -> int:
   _quiet_logging()
   args, config = parse_train_args(argv)
+  if not args.compile_only:  # before the first compilation, which fixes JAX's choice
+    from amos_jax.train import compile_cache
+    compile_cache.enable(config.train.compilation_cache_dir)
   # Before anything touches a JAX backend: a multi-process run joins here.
   from amos_jax.train.distributed import maybe_initialize_distributed, skip_absent_tpu
   if not config.mesh.get("topology"):

@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
       eval_batches=4, grad_accum_steps=1, max_nonfinite_steps=10,
       rng_impl="threefry"))   # threefry | rbg | unsafe_rbg: the bit generator of
                               # masks, samples and dropout
+  # amos-train keeps XLA's compiled programs here and loads them on the next run of
+  # the same program ('' = off; amos_jax/train/compile_cache.py).
+  c.train.compilation_cache_dir = "~/.cache/amos_jax/xla"
 
   # topology: a TPU pod ("v5p:4x4x4") and fake_devices: N fake CPU devices, both
   # only for `amos-train --compile_only`.

@@ -22,6 +22,9 @@ TINY_FLAGS = (
     "--config.train.learning_rate=1e-3", "--config.train.log_every=1",
     "--config.train.eval_every=0", "--config.data.eval_fraction=0",
     "--config.checkpoint.async_save=True",
+    # No persistent compilation cache: in-process runs would leave it set for the
+    # worker's later tests (tests/test_compile_cache.py tests it on its own).
+    "--config.train.compilation_cache_dir=",
 )
 
 

@@ -36,7 +36,7 @@ NEUTRAL_PREFIXES = ("mesh.", "sharding.", "checkpoint.")
 # changes no parameter and no loss beyond rounding.
 NEUTRAL_KEYS = {"train.log_every", "train.eval_every", "train.eval_batches", "init_from",
                 "init_from_allow_pickle", "model.scan_layers", "model.remat",
-                "model.attention_impl"}
+                "model.attention_impl", "train.compilation_cache_dir"}
 SAFE_KEYS = {"train.steps", "train.learning_rate", "train.warmup_steps",
              "train.warmup_fraction", "train.schedule", "train.end_learning_rate_fraction",
              "train.clip_norm", "train.weight_decay", "train.max_nonfinite_steps",
