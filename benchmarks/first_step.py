@@ -40,27 +40,18 @@ def main(argv=None):
   hostcpu.split_host(1)
   import jax
   from amos_jax.objectives import get_objective
-  from amos_jax.train import bench
+  from amos_jax.train import aot, bench
   from amos_jax.train import sharding as shd
-  from amos_jax.train.step import build_trainer
-  t = {}
-  t0 = time.perf_counter()
-  trainer = build_trainer(get_objective(config), shd.build_mesh(config.mesh))
-  jax.block_until_ready(trainer.state)
-  t["state"] = time.perf_counter() - t0
+  trainer, state_seconds = bench.timed_build(get_objective(config),
+                                             shd.build_mesh(config.mesh))
   batch = jax.device_put(bench.random_batch(config), trainer.batch_sharding)
-  t0 = time.perf_counter()
-  lowered = trainer.train_step.lower(trainer.state, batch)
-  t["lower"] = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  compiled = lowered.compile()
-  t["compile"] = time.perf_counter() - t0
-  t0 = time.perf_counter()
+  compiled, t = aot.lower_and_compile(trainer.train_step, (trainer.state, batch))
+  start = time.perf_counter()
   state, metrics = compiled(trainer.state, batch)
   jax.block_until_ready(state)
-  t["step"] = time.perf_counter() - t0
-  print(f"state {t['state']:.2f} s | step lowering {t['lower']:.2f} s | compile "
-        f"{t['compile']:.2f} s | first step {t['step']:.2f} s | loss "
+  step_seconds = time.perf_counter() - start
+  print(f"state {state_seconds:.2f} s | step lowering {t['lower_seconds']:.2f} s | "
+        f"compile {t['compile_seconds']:.2f} s | first step {step_seconds:.2f} s | loss "
         f"{float(metrics['loss']):.6f} | process start to first step done "
         f"{time.perf_counter() - START:.2f} s", flush=True)
 

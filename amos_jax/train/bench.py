@@ -254,6 +254,18 @@ def xla_step_flops(config) -> dict[str, float]:
           "xla_bytes_accessed_per_step_unfused": cost["xla_bytes_accessed"] or None}
 
 
+def timed_build(objective, mesh):
+  """(trainer, seconds): `build_trainer` timed to its state's arrival. Building the
+  sharded model and optimizer state (trace, compile and run the initializer) is
+  part of the wait before the first step, beside the step's own compile."""
+  import jax
+  from amos_jax.train.step import build_trainer
+  start = time.perf_counter()
+  trainer = build_trainer(objective, mesh)
+  jax.block_until_ready(trainer.state)
+  return trainer, time.perf_counter() - start
+
+
 def run(config, args) -> dict:
   """Compiles and times the step on this host's devices."""
   import jax
@@ -262,17 +274,11 @@ def run(config, args) -> dict:
   from amos_jax.objectives import get_objective
   from amos_jax.train import aot
   from amos_jax.train import sharding as shd
-  from amos_jax.train.step import build_trainer
 
   config_lib.validate(config, jax.device_count())
   mesh = shd.build_mesh(config.mesh)
   objective = get_objective(config)
-  start = time.perf_counter()
-  trainer = build_trainer(objective, mesh)
-  jax.block_until_ready(trainer.state)
-  # Building the sharded model and optimizer state (trace, compile, run) is part
-  # of the wait before the first step, beside the step's own compile.
-  init_seconds = time.perf_counter() - start
+  trainer, init_seconds = timed_build(objective, mesh)
   batch = jax.device_put(random_batch(config), trainer.batch_sharding)
   with jax.set_mesh(mesh), axis_rules(config.sharding.rules):
     compiled, timings = aot.lower_and_compile(trainer.train_step, (trainer.state, batch))
