@@ -21,6 +21,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 REMAT_CHOICES = ("auto", "none", "dots_saveable", "full", "true", "false")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 RNG_IMPLS = ("threefry", "rbg", "unsafe_rbg")
+GRAD_ALLREDUCE = ("auto", "per_layer", "once")
 
 # Paper sizes. ELECTRA: small 256x12 (E=128), base 768x12, large 1024x24.
 MODEL_SIZES = {
@@ -98,7 +99,11 @@ def base_config() -> ml_collections.ConfigDict:
   # only for `amos-train --compile_only`.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, topology="",
                                           fake_devices=0))
-  c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
+  # grad_allreduce: how data-parallel gradients cross devices (train/step.py):
+  # per_layer (where the partitioner puts it, inside the layer scan), once (one flat
+  # all-reduce per step; needs replicated parameters), auto (once on multi-process
+  # CPU runs, whose collectives pay a millisecond per array; else per_layer).
+  c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES, grad_allreduce="auto"))
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, keep_period=0,
                                                 async_save=True))
   return c
@@ -175,6 +180,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
     raise ConfigError(f"model.attention_impl={m.attention_impl!r}: use auto, xla or cudnn")
   if t.get("rng_impl", "threefry") not in RNG_IMPLS:
     raise ConfigError(f"train.rng_impl={t.rng_impl!r}: use threefry, rbg or unsafe_rbg")
+  if c.sharding.get("grad_allreduce", "auto") not in GRAD_ALLREDUCE:
+    raise ConfigError(f"sharding.grad_allreduce={c.sharding.grad_allreduce!r}: use auto, "
+                      "per_layer or once")
   if t.steps < 1:
     raise ConfigError(f"train.steps={t.steps} must be >= 1")
   if t.batch_size < 1:

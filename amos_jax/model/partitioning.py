@@ -61,8 +61,10 @@ def axis_rules(rules: Rules):
 
 
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
-  """Sharding constraint by logical names; a no-op outside a mesh + rules context."""
+  """Sharding constraint by logical names; a no-op outside a mesh + rules context
+  and inside `shard_map` (manual axes: each device holds its own block)."""
   rules = _RULES.get()
-  if rules is None or jax.sharding.get_abstract_mesh().empty:
+  mesh = jax.sharding.get_abstract_mesh()
+  if rules is None or mesh.empty or mesh.are_all_axes_manual:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_mesh(axes, rules))

@@ -43,9 +43,14 @@ def compiler_options(mesh: Mesh) -> dict:
   return {}
 
 
+def batch_spec(rules) -> P:
+  """Batches (B, ...): the leading axis placed by the rules table's `batch` entry."""
+  return logical_to_mesh(("batch",), rules)
+
+
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
-  """Batches (B, T): the leading axis placed by the rules table's `batch` entry."""
-  return NamedSharding(mesh, logical_to_mesh(("batch",), rules))
+  """Batches (B, T) on `mesh`, as `batch_spec` places them."""
+  return NamedSharding(mesh, batch_spec(rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

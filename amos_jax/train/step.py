@@ -1,19 +1,25 @@
 """The pure train and eval steps: `step(state, batch) -> (state, metrics)`."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.flatten_util import ravel_pytree
+from jax.sharding import PartitionSpec as P
 
+from amos_jax.errors import ConfigError
 from amos_jax.model import rng as rng_lib
 from amos_jax.model.partitioning import constrain
 from amos_jax.train import sharding as shd
 from amos_jax.train.layer_groups import ungroup
 from amos_jax.train.state import (TrainState, apply_learning_rate, create_train_state_and_form,
                                   learning_rate_schedule, make_optimizer)
+
+log = logging.getLogger("amos_jax")
 
 
 def step_rng(seed: int, step, impl: str = "threefry") -> jax.Array:
@@ -31,23 +37,56 @@ def step_rng(seed: int, step, impl: str = "threefry") -> jax.Array:
 _PRNG_IMPLS = {"threefry": "threefry2x32", "rbg": "rbg", "unsafe_rbg": "unsafe_rbg"}
 
 
-def split_micro_batches(batch: dict, num: int) -> dict:
+def split_micro_batches(batch: dict, num: int, rows: jax.Array | None = None):
   """(B, ...) -> (num, B / num, ...); micro-batch j holds rows j, j + num, ...
 
   Strided rows keep every micro-batch spread over all data shards (each device
-  slices its own rows, no communication). Returns the global row indices too.
+  slices its own rows, no communication). Returns the global row indices too
+  (`rows`, (B,): the batch's global row indices; default 0..B-1).
   """
   b = next(iter(batch.values())).shape[0]
+  rows = jnp.arange(b, dtype=jnp.int32) if rows is None else rows
 
   def split(x):
     x = x.reshape((b // num, num) + x.shape[1:]).swapaxes(0, 1)
     return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
 
-  return {k: split(v) for k, v in batch.items()}, split(jnp.arange(b, dtype=jnp.int32))
+  return {k: split(v) for k, v in batch.items()}, split(rows)
 
 
-def make_train_step(graphdef, objective, tx):
+def reduces_once(config, mesh, param_shardings) -> bool:
+  """Whether the step all-reduces its data-parallel gradients once, as one flat array
+  (`sharding.grad_allreduce`), instead of where the partitioner puts the reductions.
+
+  The partitioner reduces each layer's gradients inside the layer scan's backward
+  loop, one collective per layer and encoder, each over a tuple of arrays. On
+  accelerators those overlap the backward pass. Between CPU processes (gloo over
+  TCP) each array pays about a millisecond of latency: the ELECTRA-small step over
+  two processes spent 1.7 s of 5.3 s in them (BENCHMARKS.md). 'auto' reduces once
+  there. Reducing once needs every parameter replicated (no fsdp or tensor split).
+  """
+  mode = config.sharding.get("grad_allreduce", "auto")
+  replicated = all(s.is_fully_replicated for s in jax.tree.leaves(param_shardings))
+  if mode == "once" and not replicated:
+    raise ConfigError(
+        f"sharding.grad_allreduce=once needs replicated parameters, but the mesh "
+        f"{dict(mesh.shape)} splits them; set mesh.fsdp=1 and mesh.tensor=1, or "
+        "grad_allreduce=auto")
+  if mode == "per_layer" or mesh.size == 1:
+    return False
+  if mode == "once":
+    return True
+  return (replicated and jax.process_count() > 1
+          and mesh.devices.flat[0].platform == "cpu")
+
+
+def make_train_step(graphdef, objective, tx, reduce_once_on=None):
   """Builds `train_step(state, batch) -> (state, metrics)`; jit it with shardings.
+
+  reduce_once_on: a mesh (parameters replicated on it) over which each device
+  computes the gradient of its rows and one psum of all gradients and metrics,
+  flattened into one array, adds them up (`reduces_once`); None: the partitioner
+  places the reductions. Both give the same sums up to the order of addition.
 
   With `train.grad_accum_steps` = A > 1 the batch is split into A micro-batches
   whose gradients are summed in a scan. Each row draws its masks, samples and
@@ -74,21 +113,40 @@ def make_train_step(graphdef, objective, tx):
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def gradients(params, batch, key):
-    counts = objective.loss_counts(batch)
-
+  def local_gradients(params, batch, counts, key, rows):
+    """(gradients, metrics) of the rows `batch` holds; rows: their global indices."""
     def one(mb, mb_rows):
       (_, metrics), grads = grad_fn(params, mb, counts, rng_lib.per_row(key, mb_rows))
       return grads, metrics
 
     if accum == 1:
-      return one(batch, jnp.arange(next(iter(batch.values())).shape[0], dtype=jnp.int32))
-    micro, rows = split_micro_batches(batch, accum)
-    shapes = jax.eval_shape(one, *jax.tree.map(lambda x: x[0], (micro, rows)))
+      return one(batch, rows)
+    micro, micro_rows = split_micro_batches(batch, accum, rows)
+    shapes = jax.eval_shape(one, *jax.tree.map(lambda x: x[0], (micro, micro_rows)))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    total, _ = jax.lax.scan(
-        lambda acc, xs: (jax.tree.map(jnp.add, acc, one(*xs)), None), zeros, (micro, rows))
+    total, _ = jax.lax.scan(lambda acc, xs: (jax.tree.map(jnp.add, acc, one(*xs)), None),
+                            zeros, (micro, micro_rows))
     return total
+
+  def reduced_once(params, batch, counts, key, rows):
+    """local_gradients on each device's rows, then one all-reduce of one flat array."""
+    flat, unflatten = ravel_pytree(local_gradients(params, batch, counts, key, rows))
+    return unflatten(jax.lax.psum(flat, reduce_once_on.axis_names))
+
+  def gradients(params, batch, key):
+    # Whole-batch counts, computed on the global batch before any split.
+    counts = objective.loss_counts(batch)
+    rows = jnp.arange(next(iter(batch.values())).shape[0], dtype=jnp.int32)
+    if reduce_once_on is None:
+      return local_gradients(params, batch, counts, key, rows)
+    # Each device's rows are its block of the batch sharding, and every loss and
+    # metric divides by whole-batch counts: the psum is the whole batch's sum, as
+    # micro-batches add up under gradient accumulation.
+    rows_spec = shd.batch_spec(objective.config.sharding.rules)
+    return jax.shard_map(
+        reduced_once, mesh=reduce_once_on,
+        in_specs=(P(), rows_spec, P(), P(), rows_spec), out_specs=P(),
+        check_vma=False)(params, batch, counts, key, rows)
 
   def train_step(state: TrainState, batch):
     learning_rate = schedule(state.step)
@@ -134,7 +192,11 @@ def make_eval_step(graphdef, objective):
 def jit_train_step(graphdef, objective, tx, state_shardings, batch_sharding, mesh):
   """The train step jitted with its shardings and the state donated: the one
   program the trainer runs and `--compile_only` compiles ahead of time."""
-  return jax.jit(make_train_step(graphdef, objective, tx),
+  once = reduces_once(objective.config, mesh, state_shardings.params)
+  if once:
+    log.info("data-parallel gradients: one flat all-reduce per step over %d devices "
+             "(sharding.grad_allreduce)", mesh.size)
+  return jax.jit(make_train_step(graphdef, objective, tx, mesh if once else None),
                  in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0,
                  compiler_options=shd.compiler_options(mesh))
