@@ -89,3 +89,100 @@ def size_cpu_client(count: int) -> bool:
     return False
   jax.config.update("jax_num_cpu_devices", max(count, jax.config.jax_num_cpu_devices))
   return True
+
+
+# ------------------------------------------------- one process per core (training)
+PROCESSES_ENV = "AMOS_JAX_CPU_PROCESSES"
+
+
+def requested_processes(environ=None) -> int:
+  """The process count AMOS_JAX_CPU_PROCESSES asks amos-train for (unset: 1; `auto`:
+  one per core this process may run on)."""
+  environ = os.environ if environ is None else environ
+  value = environ.get(PROCESSES_ENV, "").strip().lower()
+  if value in ("", "1"):
+    return 1
+  if value == "auto":
+    return host_cores()
+  try:
+    count = int(value)
+  except ValueError:
+    count = 0
+  if count < 1:
+    raise ConfigError(f"{PROCESSES_ENV}={environ.get(PROCESSES_ENV)!r} is not a process "
+                      "count; set it to a positive integer or to auto (one per core)")
+  return count
+
+
+def core_blocks(count: int, cores: list[int] | None = None) -> list[set[int]]:
+  """`count` disjoint, contiguous blocks of this process's cores, as even as they go."""
+  cores = sorted(os.sched_getaffinity(0)) if cores is None else sorted(cores)
+  if count > len(cores):
+    raise ConfigError(f"{PROCESSES_ENV}={count} exceeds the {len(cores)} cores this "
+                      f"process may run on; use at most {len(cores)}")
+  n = len(cores)
+  return [set(cores[i * n // count:(i + 1) * n // count]) for i in range(count)]
+
+
+def start_processes(count: int, command: list[str], environ=None, **popen) -> list:
+  """Starts `command` as processes 0..count-1 of one run on this host: each pinned to
+  its block of cores (`core_blocks`) before Python starts, so that XLA sizes its
+  thread pool to that block, and told where to join with `jax.distributed` on
+  localhost (gloo collectives; amos_jax/train/distributed.py). Returns the Popens."""
+  import socket
+  import subprocess
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{s.getsockname()[1]}"
+  env = {k: v for k, v in (os.environ if environ is None else environ).items()
+         if k != PROCESSES_ENV}
+  env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(count),
+             JAX_PLATFORMS=env.get("JAX_PLATFORMS") or "cpu")
+  return [subprocess.Popen(command, env=dict(env, JAX_PROCESS_ID=str(i)),
+                           preexec_fn=lambda block=block: os.sched_setaffinity(0, block),
+                           **popen)
+          for i, block in enumerate(core_blocks(count))]
+
+
+def run_processes(count: int, command: list[str]) -> int:
+  """Runs `command` as `count` processes of one data-parallel run on this host
+  (`start_processes`) and waits for them.
+
+  Why: at ELECTRA-small's sizes a kernel split over two cores runs well below twice
+  its one-core speed, so two single-core processes, each with half the batch, step
+  faster than one process on both cores (BENCHMARKS.md, "one process per core").
+  SIGTERM and SIGINT are passed on (each process saves at its next step and
+  exits); when one process fails the others are stopped. Returns the first
+  failure's exit status, else 0.
+  """
+  import signal
+  import time
+  procs = start_processes(count, command)
+
+  def forward(signum, frame):
+    for p in procs:
+      if p.poll() is None:
+        p.send_signal(signum)
+
+  previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    status, failed_at = 0, None
+    while True:
+      alive = [p.poll() is None for p in procs]  # a list: poll every process
+      failed = [p.returncode for p in procs if p.returncode]
+      if failed and failed_at is None:
+        # A failed process leaves its peers waiting in a collective: stop them,
+        # and kill what has not stopped 10 s later.
+        status, failed_at = failed[0], time.monotonic()
+        forward(signal.SIGTERM, None)
+      elif failed_at is not None and time.monotonic() - failed_at > 10:
+        for p in procs:
+          if p.poll() is None:
+            p.kill()
+      if not any(alive):
+        break
+      time.sleep(0.2)
+    return 128 - status if status < 0 else status  # killed by signal N: 128 + N
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)

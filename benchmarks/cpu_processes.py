@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -73,38 +72,22 @@ def worker(a) -> None:
           flush=True)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def run_mode(a, mode: str) -> dict:
   """Starts the mode's processes, waits for them; process 0's JSON line."""
-  from amos_jax import hostmem
+  from amos_jax import hostcpu, hostmem
   env = dict(os.environ, PYTHONPATH=ROOT)
   env.update(hostmem.huge_pages_environment(env) or {})
   for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
               "XLA_FLAGS", "JAX_NUM_CPU_DEVICES", "AMOS_JAX_CPU_DEVICES"):
     env.pop(key, None)
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--config", a.config,
-         "--base", a.base, "--steps", str(a.steps)]
-  cores = sorted(os.sched_getaffinity(0))
+         "--steps", str(a.steps), "--reduce", "auto" if mode == "one" else mode]
+  pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   if mode == "one":
-    procs = [subprocess.Popen(cmd + ["--reduce", "auto"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)]
-  else:
-    address = f"127.0.0.1:{_free_port()}"
-    procs = []
-    for pid in range(a.processes):
-      core = {cores[pid % len(cores)]}
-      procs.append(subprocess.Popen(
-          cmd + ["--reduce", mode, "--base", a.base + f",mesh.data={a.processes}"],
-          env=dict(env, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(a.processes),
-                   JAX_PROCESS_ID=str(pid)),
-          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-          # Pinned before Python starts: XLA sizes its thread pool from the affinity.
-          preexec_fn=lambda core=core: os.sched_setaffinity(0, core)))
+    procs = [subprocess.Popen(cmd + ["--base", a.base], env=env, **pipes)]
+  else:  # as amos-train under AMOS_JAX_CPU_PROCESSES
+    procs = hostcpu.start_processes(
+        a.processes, cmd + ["--base", a.base + f",mesh.data={a.processes}"], env, **pipes)
   outs = [p.communicate() for p in procs]
   for p, (_, err) in zip(procs, outs):
     if p.returncode:

@@ -83,3 +83,64 @@ def test_training_splits_only_when_asked_and_then_trains_to_the_same_losses(
     runs[devices] = [x["loss"] for x in read_metrics(str(work)) if "loss" in x]
   assert len(runs["1"]) == 4
   assert runs["2"] == pytest.approx(runs["1"], rel=1e-5)
+
+
+# ------------------------------------------------- one process per core (training)
+@pytest.mark.parametrize("value,count", [("", 1), ("1", 1), ("3", 3), (" 2 ", 2)])
+def test_requested_processes_reads_the_environment(value, count):
+  assert hostcpu.requested_processes({hostcpu.PROCESSES_ENV: value}) == count
+
+
+def test_auto_processes_are_one_per_core():
+  assert hostcpu.requested_processes({hostcpu.PROCESSES_ENV: "auto"}) == hostcpu.host_cores()
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_a_bad_process_count_is_one_error_naming_the_variable_and_the_fix(value):
+  with pytest.raises(ConfigError, match=f"{hostcpu.PROCESSES_ENV}=.*positive integer"):
+    hostcpu.requested_processes({hostcpu.PROCESSES_ENV: value})
+
+
+def test_core_blocks_split_the_cores_evenly_and_apart():
+  assert hostcpu.core_blocks(2, [0, 1]) == [{0}, {1}]
+  assert hostcpu.core_blocks(2, [4, 5, 6, 7]) == [{4, 5}, {6, 7}]
+  assert hostcpu.core_blocks(2, [0, 1, 2]) == [{0}, {1, 2}]
+  with pytest.raises(ConfigError, match="exceeds the 2 cores.*use at most 2"):
+    hostcpu.core_blocks(3, [0, 1])
+
+
+_CHILD = """
+import json, os, sys, time
+pid = int(os.environ["JAX_PROCESS_ID"])
+print(json.dumps(dict(pid=pid, cores=sorted(os.sched_getaffinity(0)),
+                      n=os.environ["JAX_NUM_PROCESSES"],
+                      address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                      env=os.environ.get("AMOS_JAX_CPU_PROCESSES"))), flush=True)
+if sys.argv[1] == "fail" and pid == 1:
+  sys.exit(3)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_run_processes_pins_each_to_its_cores(tmp_path, capfd, monkeypatch):
+  import json
+  monkeypatch.setenv(hostcpu.PROCESSES_ENV, "2")
+  cores = sorted(os.sched_getaffinity(0))
+  if len(cores) < 2:
+    pytest.fail("this test needs a host with at least 2 cores")
+  assert hostcpu.run_processes(2, [sys.executable, "-c", _CHILD, "ok", "0"]) == 0
+  seen = sorted((json.loads(line) for line in capfd.readouterr().out.splitlines()),
+                key=lambda r: r["pid"])
+  assert [r["pid"] for r in seen] == [0, 1]
+  blocks = hostcpu.core_blocks(2)
+  assert [set(r["cores"]) for r in seen] == blocks
+  assert {r["address"] for r in seen} == {seen[0]["address"]}
+  assert all(r["n"] == "2" and r["env"] is None for r in seen)  # no second launch
+
+
+def test_run_processes_stops_the_others_when_one_fails():
+  import time
+  start = time.monotonic()
+  # Process 1 exits with 3 at once; process 0 would sleep 60 s, and is stopped.
+  assert hostcpu.run_processes(2, [sys.executable, "-c", _CHILD, "fail", "60"]) == 3
+  assert time.monotonic() - start < 30
