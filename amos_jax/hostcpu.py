@@ -1,4 +1,4 @@
-"""One JAX device per CPU core, on a host that runs JAX on its CPU.
+"""One JAX device, or one process, per CPU core, on a host that runs JAX on its CPU.
 
 XLA's CPU backend runs a batched matrix product, such as attention's scores QK^T
 and context PV over (batch, heads), on one core: it loops over the batch calling a
@@ -21,6 +21,14 @@ The command-line tools call `split_host` before JAX starts its CPU client:
   trainer's config check names the fix); multi-process runs keep theirs as is.
 - A device count the user already gave JAX (`--xla_force_host_platform_device_count`
   in XLA_FLAGS, or JAX_NUM_CPU_DEVICES) is left as it is.
+
+Devices of one process share one thread pool, and XLA splits every kernel over it.
+`AMOS_JAX_CPU_PROCESSES=N` (or `auto`: one per core) runs amos-train instead as N
+data-parallel processes, each pinned to its own block of cores (`run_processes`),
+joined by `jax.distributed` on localhost; their gradients cross in one flat
+all-reduce per step (`sharding.grad_allreduce`, train/step.py). The ELECTRA-small
+step takes about 0.9 of its one-process time that way (BENCHMARKS.md); compiling
+on one core takes longer, so short runs gain nothing.
 
 On a host with an accelerator the setting changes nothing the run uses: it sizes
 only the CPU client, and the mesh is built over the accelerator's devices.

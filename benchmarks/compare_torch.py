@@ -135,6 +135,11 @@ def main(argv=None):
     return jax_worker(config, args.window_steps)
 
   from amos_jax import hostcpu
+  processes = hostcpu.requested_processes()
+  if processes > 1:
+    jax_window, first_jax, devices = _worker_processes(processes, argv, args.window_steps)
+  else:
+    jax_window, first_jax, devices = _in_process(config, args.window_steps)
   from benchmarks.torch_electra_baseline import make_step
   m, t = config.model, config.train
   torch_step = make_step(t.batch_size, t.seq_len, dict(
@@ -144,11 +149,6 @@ def main(argv=None):
       generator_fraction=config.objective.generator.width_fraction,
       max_position_embeddings=m.max_position_embeddings, hidden_dropout=m.hidden_dropout,
       attention_dropout=m.attention_dropout))
-  processes = hostcpu.requested_processes()
-  if processes > 1:
-    jax_window, first_jax, devices = _worker_processes(processes, argv, args.window_steps)
-  else:
-    jax_window, first_jax, devices = _in_process(config, args.window_steps)
   torch_step()  # warm-up
   jax_times, torch_times = [], []
   for _ in range(args.rounds):
