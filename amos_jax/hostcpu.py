@@ -42,10 +42,10 @@ from amos_jax.errors import ConfigError
 ENV = "AMOS_JAX_CPU_DEVICES"
 
 
-def requested_devices(environ=None) -> int | None:
-  """The count AMOS_JAX_CPU_DEVICES asks for; None for `auto` (or unset)."""
-  environ = os.environ if environ is None else environ
-  value = environ.get(ENV, "").strip().lower()
+def _env_count(environ, name: str, noun: str, one: str) -> int | None:
+  """The positive count the environment variable `name` holds; None for `auto` or
+  unset. Anything else is one ConfigError naming the variable and the fix."""
+  value = environ.get(name, "").strip().lower()
   if value in ("", "auto"):
     return None
   try:
@@ -53,9 +53,15 @@ def requested_devices(environ=None) -> int | None:
   except ValueError:
     count = 0
   if count < 1:
-    raise ConfigError(f"{ENV}={environ.get(ENV)!r} is not a device count; set it to a "
-                      "positive integer (1: one CPU device) or to auto (one per core)")
+    raise ConfigError(f"{name}={environ.get(name)!r} is not a {noun} count; set it to a "
+                      f"positive integer (1: {one}) or to auto (one per core)")
   return count
+
+
+def requested_devices(environ=None) -> int | None:
+  """The count AMOS_JAX_CPU_DEVICES asks for; None for `auto` (or unset)."""
+  return _env_count(os.environ if environ is None else environ, ENV, "device",
+                    "one CPU device")
 
 
 def host_cores() -> int:
@@ -107,18 +113,9 @@ def requested_processes(environ=None) -> int:
   """The process count AMOS_JAX_CPU_PROCESSES asks amos-train for (unset: 1; `auto`:
   one per core this process may run on)."""
   environ = os.environ if environ is None else environ
-  value = environ.get(PROCESSES_ENV, "").strip().lower()
-  if value in ("", "1"):
-    return 1
-  if value == "auto":
-    return host_cores()
-  try:
-    count = int(value)
-  except ValueError:
-    count = 0
-  if count < 1:
-    raise ConfigError(f"{PROCESSES_ENV}={environ.get(PROCESSES_ENV)!r} is not a process "
-                      "count; set it to a positive integer or to auto (one per core)")
+  count = _env_count(environ, PROCESSES_ENV, "process", "one process")
+  if count is None:
+    return host_cores() if environ.get(PROCESSES_ENV, "").strip().lower() == "auto" else 1
   return count
 
 
