@@ -143,6 +143,9 @@ def make_train_step(graphdef, objective, tx, reduce_once_on=None):
     # metric divides by whole-batch counts: the psum is the whole batch's sum, as
     # micro-batches add up under gradient accumulation.
     rows_spec = shd.batch_spec(objective.config.sharding.rules)
+    # Unchecked: the hand-written backward passes (model/ops.py) return a replicated
+    # kernel's gradient as a per-device value, which the checked form refuses as a
+    # type mismatch; the psum is what makes it replicated.
     return jax.shard_map(
         reduced_once, mesh=reduce_once_on,
         in_specs=(P(), rows_spec, P(), P(), rows_spec), out_specs=P(),
