@@ -35,16 +35,12 @@ def _jax_trainer(config):
   from amos_jax import config as config_lib
   from amos_jax.objectives import get_objective
   from amos_jax.train import sharding as shd
-  from amos_jax.train.bench import random_batch
+  from amos_jax.train.bench import process_random_batch
   from amos_jax.train.step import build_trainer
   config_lib.validate(config, jax.device_count())
   mesh = shd.build_mesh(config.mesh)
   trainer = build_trainer(get_objective(config), mesh)
-  rows = config.train.batch_size // jax.process_count()
-  lo = jax.process_index() * rows
-  batch = {k: jax.make_array_from_process_local_data(trainer.batch_sharding, v[lo:lo + rows])
-           for k, v in random_batch(config).items()}
-  return trainer, mesh, batch
+  return trainer, mesh, process_random_batch(config, trainer.batch_sharding)
 
 
 def _in_process(config, window_steps):

@@ -53,11 +53,7 @@ def worker(a) -> None:
   config = config_lib.freeze(config)
   mesh = shd.build_mesh(config.mesh)
   trainer = build_trainer(get_objective(config), mesh)
-  rows = config.train.batch_size // jax.process_count()
-  full = bench.random_batch(config)
-  pid = jax.process_index()
-  batch = {k: jax.make_array_from_process_local_data(
-      trainer.batch_sharding, v[pid * rows:(pid + 1) * rows]) for k, v in full.items()}
+  batch = bench.process_random_batch(config, trainer.batch_sharding)
   # As the trainer runs its step: traced under the mesh and the rules table.
   with jax.set_mesh(mesh), axis_rules(config.sharding.rules):
     start = time.perf_counter()
@@ -67,7 +63,7 @@ def worker(a) -> None:
     loss = float(jax.device_get(metrics["loss"]))
     times, _, _ = bench.time_steps(compiled, state, batch, warmup=0, windows=a.steps,
                                    window_steps=1)
-  if pid == 0:
+  if jax.process_index() == 0:
     print(json.dumps(dict(step=float(np.median(times)), compile=compile_s, loss=loss)),
           flush=True)
 

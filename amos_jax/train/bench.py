@@ -86,6 +86,16 @@ def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   return {k: batch[k] for k in BATCH_KEYS}
 
 
+def process_random_batch(config, sharding) -> dict:
+  """`random_batch` as global arrays placed by `sharding`, each process giving its
+  own block of rows (a multi-process run); one process gives the whole batch."""
+  import jax
+  rows = config.train.batch_size // jax.process_count()
+  lo = jax.process_index() * rows
+  return {k: jax.make_array_from_process_local_data(sharding, v[lo:lo + rows])
+          for k, v in random_batch(config).items()}
+
+
 def matmul_peak(dtype: str, size: int, repeats: int = 5) -> float:
   """FLOP/s of a size x size x size matmul on the default backend (best window)."""
   import jax

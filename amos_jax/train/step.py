@@ -37,15 +37,14 @@ def step_rng(seed: int, step, impl: str = "threefry") -> jax.Array:
 _PRNG_IMPLS = {"threefry": "threefry2x32", "rbg": "rbg", "unsafe_rbg": "unsafe_rbg"}
 
 
-def split_micro_batches(batch: dict, num: int, rows: jax.Array | None = None):
+def split_micro_batches(batch: dict, num: int, rows: jax.Array):
   """(B, ...) -> (num, B / num, ...); micro-batch j holds rows j, j + num, ...
 
   Strided rows keep every micro-batch spread over all data shards (each device
-  slices its own rows, no communication). Returns the global row indices too
-  (`rows`, (B,): the batch's global row indices; default 0..B-1).
+  slices its own rows, no communication). `rows` (B,), the batch's global row
+  indices, are split the same way and returned too.
   """
   b = next(iter(batch.values())).shape[0]
-  rows = jnp.arange(b, dtype=jnp.int32) if rows is None else rows
 
   def split(x):
     x = x.reshape((b // num, num) + x.shape[1:]).swapaxes(0, 1)
