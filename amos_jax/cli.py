@@ -104,10 +104,8 @@ def parse_train_args(argv: list[str]):
 def _train(argv: list[str]) -> int:
   _quiet_logging()
   args, config = parse_train_args(argv)
-  from amos_jax.train.distributed import detect_process_count
-  processes = hostcpu.requested_processes()
-  if (processes > 1 and not args.compile_only and args.num_processes is None
-      and detect_process_count() == 1):
+  processes = hostcpu.processes_to_start()
+  if processes > 1 and not args.compile_only and args.num_processes is None:
     # One pinned process per block of cores, data-parallel (amos_jax/hostcpu.py).
     return hostcpu.run_processes(processes, [sys.executable, "-m", "amos_jax.cli", *argv])
   if not args.compile_only:  # before the first compilation, which fixes JAX's choice

@@ -129,6 +129,15 @@ def core_blocks(count: int, cores: list[int] | None = None) -> list[set[int]]:
   return [set(cores[i * n // count:(i + 1) * n // count]) for i in range(count)]
 
 
+def processes_to_start() -> int:
+  """The processes a command should start itself (`run_processes`): the count
+  AMOS_JAX_CPU_PROCESSES asks for, or 1 where this process is already one of a
+  launched run (a child of `run_processes`, SLURM, Open MPI, a coordinator given)."""
+  from amos_jax.train.distributed import detect_process_count
+  count = requested_processes()
+  return count if count > 1 and detect_process_count() == 1 else 1
+
+
 def start_processes(count: int, command: list[str], environ=None, **popen) -> list:
   """Starts `command` as processes 0..count-1 of one run on this host: each pinned to
   its block of cores (`core_blocks`) before Python starts, so that XLA sizes its

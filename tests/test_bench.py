@@ -18,16 +18,27 @@ TINY = ("--config.model.num_layers=2", "--config.model.hidden_size=32",
         "--config.train.rng_impl=rbg")
 
 
-def test_amos_bench_runs_on_a_tiny_config(tmp_path, capsys):
-  out = tmp_path / "bench.json"
-  assert bench.main(["--config", f"{ROOT}/configs/electra.py:tiny", *TINY,
-                     "--windows", "2", "--window_steps", "2", "--matmul_size", "128",
-                     "--json", str(out)]) == 0
-  table = capsys.readouterr().out
+BENCH_ARGS = ("--config", f"{ROOT}/configs/electra.py:tiny", *TINY, "--windows", "2",
+              "--window_steps", "2", "--matmul_size", "128")
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+  """(table, JSON) of amos-bench on the tiny config, in this process."""
+  import contextlib
+  import io
+  out = tmp_path_factory.mktemp("bench") / "bench.json"
+  table = io.StringIO()
+  with contextlib.redirect_stdout(table):
+    assert bench.main([*BENCH_ARGS, "--json", str(out)]) == 0
+  return table.getvalue(), json.loads(out.read_text())
+
+
+def test_amos_bench_runs_on_a_tiny_config(one_process):
+  table, r = one_process
   for row in ("compilation", "state init", "step time (median)", "tokens/s",
               "MFU vs measured matmul"):
     assert row in table
-  r = json.loads(out.read_text())
   assert r["compile_seconds"] > 0 and r["lower_seconds"] > 0 and r["init_seconds"] > 0
   assert len(r["step_times"]) == 2 and r["step_seconds_median"] > 0
   assert r["tokens_per_second"] == pytest.approx(4 * 32 / r["step_seconds_median"])
@@ -100,3 +111,30 @@ def test_cpu_host_devices_share_one_matmul_peak(tmp_path):
   assert result["matmul_peak_flops"] == 1e9
   assert result["mfu_vs_measured_matmul"] == pytest.approx(
       result["model_flops_per_step"] / result["step_seconds_median"] / 1e9)
+
+
+def test_amos_bench_as_processes_steps_the_same_batch(tmp_path, one_process):
+  """AMOS_JAX_CPU_PROCESSES=2: amos-bench starts two pinned data-parallel processes
+  (amos_jax/hostcpu.py), each with half the rows of the same global batch: the
+  first loss is the one process's; the peak is both processes', measured at once;
+  process 0 alone reports."""
+  import subprocess
+  import sys
+  from tests.train_helpers import env_for
+  out = tmp_path / "bench.json"
+  r = subprocess.run([sys.executable, "-c", bench._CHILD, *BENCH_ARGS, "--json", str(out)],
+                     env=dict(env_for(1), AMOS_JAX_CPU_PROCESSES="2"), capture_output=True,
+                     text=True, timeout=300, cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.count("MFU vs measured matmul") == 1, r.stdout
+  assert "2 x cpu (cpu), 2 processes" in r.stdout
+  two, one = json.loads(out.read_text()), one_process[1]
+  assert (two["processes"], two["devices"], one["processes"]) == (2, 2, 1)
+  assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+  assert len(two["matmul_peak_per_process"]) == 2
+  assert two["matmul_peak_flops"] == pytest.approx(sum(two["matmul_peak_per_process"]))
+  assert two["mfu_vs_measured_matmul"] == pytest.approx(
+      two["model_flops_per_step"] / two["step_seconds_median"] / two["matmul_peak_flops"])
+  # The whole step's FLOPs, although each process's program is per device.
+  assert two["xla_flops_per_step"] == pytest.approx(one["xla_flops_per_step"], rel=0.01)
+  assert "one flat all-reduce per step over 2 devices" in r.stderr

@@ -13,6 +13,11 @@ measured in the same run (and against the datasheet peak on GPU/TPU), and memory
 With `mesh.topology` the step is compiled ahead of time for that pod (nothing
 runs): memory, FLOPs and bytes per chip from the compiled program, and a roofline
 ESTIMATE of step time and MFU at the chip's datasheet figures.
+
+Under `AMOS_JAX_CPU_PROCESSES=N` (as amos-train, amos_jax/hostcpu.py) the step runs
+as N data-parallel processes, each pinned to its own block of cores, each with its
+share of the batch; the matmul peak is then the sum of the processes' peaks,
+measured at once. Process 0 prints the table and writes the JSON.
 """
 from __future__ import annotations
 
@@ -94,6 +99,26 @@ def process_random_batch(config, sharding) -> dict:
   lo = jax.process_index() * rows
   return {k: jax.make_array_from_process_local_data(sharding, v[lo:lo + rows])
           for k, v in random_batch(config).items()}
+
+
+def run_peak(dtype: str, size: int) -> tuple[float, list[float]]:
+  """(FLOP/s of all the run's devices, each process's share), measured now.
+
+  A CPU process's devices share one thread pool, so one device's matmul is the
+  process's peak (amos_jax/hostcpu.py); processes pinned to disjoint cores add up,
+  and are measured at the same time, contending for the host as the step does.
+  Accelerator chips add up.
+  """
+  import jax
+  from jax.experimental import multihost_utils
+  per_device = jax.devices()[0].platform != "cpu"
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("amos-bench matmul peak")
+  peak = matmul_peak(dtype, size) * (jax.local_device_count() if per_device else 1)
+  if jax.process_count() == 1:
+    return peak, [peak]
+  shares = [float(x) for x in multihost_utils.process_allgather(np.float64(peak))]
+  return sum(shares), shares
 
 
 def matmul_peak(dtype: str, size: int, repeats: int = 5) -> float:
@@ -258,6 +283,8 @@ def xla_step_flops(config) -> dict[str, float]:
   from amos_jax.train.loop import compile_train_step
   unrolled = config.as_configdict()
   unrolled.model.scan_layers = False
+  # The whole step's FLOPs: a one-all-reduce step is lowered per device (shard_map).
+  unrolled.sharding.grad_allreduce = "per_layer"
   cost = compile_train_step(config_lib.freeze(unrolled), lower_only=True)
   # None where the backend's lowering has no cost analysis (libtpu compile-only).
   return {"xla_flops_per_step": cost["xla_flops"] or None,
@@ -289,7 +316,7 @@ def run(config, args) -> dict:
   mesh = shd.build_mesh(config.mesh)
   objective = get_objective(config)
   trainer, init_seconds = timed_build(objective, mesh)
-  batch = jax.device_put(random_batch(config), trainer.batch_sharding)
+  batch = process_random_batch(config, trainer.batch_sharding)
   with jax.set_mesh(mesh), axis_rules(config.sharding.rules):
     compiled, timings = aot.lower_and_compile(trainer.train_step, (trainer.state, batch))
     times, state, metrics = time_steps(compiled, trainer.state, batch, args.warmup,
@@ -298,17 +325,15 @@ def run(config, args) -> dict:
   report.update(timings)
   t = config.train
   med = float(np.median(times))
-  device = jax.devices()[0]
+  device = jax.local_devices()[0]  # memory stats exist only for this process's own
   n = jax.device_count()
   analytic = objective.model_flops(t.batch_size, t.seq_len)
-  peak = matmul_peak(config.model.dtype, args.matmul_size)
-  # The peak of all devices: chips add up, but a CPU host's devices (one per core,
-  # amos_jax/hostcpu.py) share one thread pool, so one device's matmul is the host's.
-  peak_devices = 1 if device.platform == "cpu" else n
+  peak, peak_shares = run_peak(config.model.dtype, args.matmul_size)
   out = _common(config, objective, state.params, report, analytic)
   out.update(xla_step_flops(config))
   out.update(
       mode="measured", backend=device.platform, device_kind=device.device_kind, devices=n,
+      processes=jax.process_count(),
       init_seconds=init_seconds,
       step_seconds_median=med, step_seconds_min=float(min(times)),
       step_seconds_max=float(max(times)),
@@ -317,11 +342,12 @@ def run(config, args) -> dict:
       f"{args.window_steps} steps after {args.warmup} warm-up step(s)",
       tokens_per_second=t.batch_size * t.seq_len / med,
       loss=float(jax.device_get(metrics["loss"])),
-      matmul_peak_flops=peak * peak_devices, matmul_peak_dtype=config.model.dtype)
+      matmul_peak_flops=peak, matmul_peak_per_process=peak_shares,
+      matmul_peak_dtype=config.model.dtype)
   total = analytic.get("total")
   if total:
     out["model_flops_per_second"] = total / med
-    out["mfu_vs_measured_matmul"] = total / med / (peak * peak_devices)
+    out["mfu_vs_measured_matmul"] = total / med / peak
     sheet = DATASHEET.get(device.device_kind)
     if sheet:
       out["mfu_vs_datasheet"] = total / med / (sheet[0] * n)
@@ -419,7 +445,8 @@ def format_table(out: dict) -> str:
   rows = [
       ("objective", out["config"]),
       ("mode", out["mode"]),
-      ("device", f"{out['devices']} x {out['device_kind']} ({out['backend']})"),
+      ("device", f"{out['devices']} x {out['device_kind']} ({out['backend']})" +
+       (f", {out['processes']} processes" if out.get("processes", 1) > 1 else "")),
       ("batch x seq", f"{out['batch_size']} x {out['seq_len']}"),
       ("dtype / scan / remat / rng", f"{out['dtype']} / {out['scan_layers']} / "
        f"{out['remat']} / {out['rng_impl']}"),
@@ -444,7 +471,10 @@ def format_table(out: dict) -> str:
          f"{out['step_seconds_max']:.4g} s ({out['timing']})"),
         ("tokens/s", f"{out['tokens_per_second']:,.0f}"),
         ("matmul peak (measured)", _fmt(out["matmul_peak_flops"], "FLOP/s") +
-         f" {out['matmul_peak_dtype']}"),
+         f" {out['matmul_peak_dtype']}" + (
+             " (sum of " + " + ".join(_fmt(x, "FLOP/s") for x in
+                                      out["matmul_peak_per_process"]) + ")"
+             if len(out.get("matmul_peak_per_process", ())) > 1 else "")),
         ("model FLOP/s", _fmt(out.get("model_flops_per_second"), "FLOP/s")),
         ("MFU vs measured matmul", _pct(out.get("mfu_vs_measured_matmul"))),
         ("MFU vs datasheet", _pct(out.get("mfu_vs_datasheet"))),
@@ -468,6 +498,10 @@ def _pct(x) -> str:
   return "-" if x is None else f"{100 * x:.1f}%"
 
 
+# One process of a multi-process amos-bench (`hostcpu.run_processes`).
+_CHILD = "import sys; from amos_jax.cli import bench_main; bench_main(sys.argv[1:])"
+
+
 def main(argv=None) -> int:
   from amos_jax.cli import _quiet_logging
   from amos_jax.train.distributed import skip_absent_tpu
@@ -477,10 +511,18 @@ def main(argv=None) -> int:
   if config.mesh.get("topology"):
     out = aot_estimate(config)
   else:
-    skip_absent_tpu()
     from amos_jax import hostcpu
-    hostcpu.split_host(1)   # as amos-train: more devices only when asked
+    processes = hostcpu.processes_to_start()
+    if processes > 1:  # as amos-train: N pinned data-parallel processes
+      return hostcpu.run_processes(processes, [sys.executable, "-c", _CHILD, *argv])
+    skip_absent_tpu()
+    from amos_jax.train.distributed import maybe_initialize_distributed
+    if maybe_initialize_distributed() == 1:
+      hostcpu.split_host(1)   # as amos-train: more devices only when asked
     out = run(config, args)
+    import jax
+    if jax.process_index() != 0:
+      return 0
   print(format_table(out))
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
