@@ -158,6 +158,15 @@ def start_processes(count: int, command: list[str], environ=None, **popen) -> li
           for i, block in enumerate(core_blocks(count))]
 
 
+def run_config_processes(count: int, command: list[str], config) -> int:
+  """`run_processes` for a command that runs `config`, checked first against the
+  run's devices (one per process): a bad config is one error line here, not one
+  from every process."""
+  from amos_jax import config as config_lib
+  config_lib.validate(config, count)
+  return run_processes(count, command)
+
+
 def run_processes(count: int, command: list[str]) -> int:
   """Runs `command` as `count` processes of one data-parallel run on this host
   (`start_processes`) and waits for them.

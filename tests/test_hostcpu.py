@@ -144,3 +144,21 @@ def test_run_processes_stops_the_others_when_one_fails():
   # Process 1 exits with 3 at once; process 0 would sleep 60 s, and is stopped.
   assert hostcpu.run_processes(2, [sys.executable, "-c", _CHILD, "fail", "60"]) == 3
   assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("command", ["amos_jax.cli", "bench"])
+def test_a_config_that_does_not_fit_the_processes_is_one_error_before_any_starts(
+    tmp_path, command):
+  """A batch of 3 rows over AMOS_JAX_CPU_PROCESSES=2: amos-train and amos-bench check
+  the config against the processes' devices before starting them, so the error is
+  one line (not one per process) and nothing is written."""
+  from amos_jax.train import bench
+  args = ["--config", f"{ROOT}/configs/electra.py:tiny", "--config.train.batch_size=3"]
+  cmd = ([sys.executable, "-m", "amos_jax.cli", *args, "--workdir", str(tmp_path / "w")]
+         if command == "amos_jax.cli" else [sys.executable, "-c", bench._CHILD, *args])
+  r = subprocess.run(cmd, env=dict(env_for_host("1"), AMOS_JAX_CPU_PROCESSES="2"),
+                     capture_output=True, text=True, timeout=120, cwd=ROOT)
+  errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+  assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
+  assert "train.batch_size=3" in errors[0] and "use a multiple of 2" in errors[0]
+  assert "JAX_PROCESS_ID" not in r.stderr and not (tmp_path / "w").exists()

@@ -514,7 +514,8 @@ def main(argv=None) -> int:
     from amos_jax import hostcpu
     processes = hostcpu.processes_to_start()
     if processes > 1:  # as amos-train: N pinned data-parallel processes
-      return hostcpu.run_processes(processes, [sys.executable, "-c", _CHILD, *argv])
+      return hostcpu.run_config_processes(
+          processes, [sys.executable, "-c", _CHILD, *argv], config)
     skip_absent_tpu()
     from amos_jax.train.distributed import maybe_initialize_distributed
     if maybe_initialize_distributed() == 1:
