@@ -325,7 +325,7 @@ def run(config, args) -> dict:
   report.update(timings)
   t = config.train
   med = float(np.median(times))
-  device = jax.local_devices()[0]  # memory stats exist only for this process's own
+  device = jax.local_devices()[0]  # memory stats exist for addressable devices only
   n = jax.device_count()
   analytic = objective.model_flops(t.batch_size, t.seq_len)
   peak, peak_shares = run_peak(config.model.dtype, args.matmul_size)
