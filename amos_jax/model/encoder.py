@@ -281,7 +281,8 @@ def _checkpointed(fn, policy: str, *, in_scan: bool):
 
 
 def run_layers(layers: Sequence[Layer], x, mask, bias, dropout_rngs, *,
-               remat: str = "none", scan: bool = True) -> list[jax.Array]:
+               cuts: Sequence[bool] | None = None, remat: str = "none",
+               scan: bool = True) -> list[jax.Array]:
   """Applies `layers` in order; returns each layer's output, [(B, T, H)] * len(layers).
 
   scan: the per-layer parameters are stacked (inside the traced function, so the
@@ -289,27 +290,36 @@ def run_layers(layers: Sequence[Layer], x, mask, bias, dropout_rngs, *,
   under `jax.lax.scan`: compile time does not grow with depth. Unscanned, every
   layer is traced in turn. dropout_rngs: one key (or per-row keys) per layer, or
   None each; both modes draw the same dropout.
+  cuts: per layer, True where its input enters through stop_gradient (AMOS's
+  segment isolation: no gradient flows back across it); default none.
   """
   if not layers:
     return []
+  cuts = [False] * len(layers) if cuts is None else [bool(c) for c in cuts]
   apply = _layer_fn(nnx.graphdef(layers[0]))
   states = [nnx.state(layer) for layer in layers]
   if not scan or len(layers) == 1:
     apply = _checkpointed(apply, remat, in_scan=False)
     outputs = []
-    for state, rng in zip(states, dropout_rngs):
-      x = apply(state, x, mask, bias, rng)
+    for state, rng, cut in zip(states, dropout_rngs, cuts):
+      x = apply(state, jax.lax.stop_gradient(x) if cut else x, mask, bias, rng)
       outputs.append(x)
     return outputs
 
   def body(carry, xs):
-    state, rng = xs
+    state, rng, cut = xs
+    if cut is not None:
+      # stop_gradient chosen per iteration: the same forward value, a zero gradient
+      # where cut. Segments between cuts share one loop, so one body compiles.
+      carry = jnp.where(cut, jax.lax.stop_gradient(carry), carry)
     y = apply(state, carry, mask, bias, rng)
     return y, y
 
   stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
   rngs = None if dropout_rngs[0] is None else jnp.stack(dropout_rngs)
-  _, ys = jax.lax.scan(_checkpointed(body, remat, in_scan=True), x, (stacked, rngs))
+  cut_flags = jnp.asarray(cuts) if any(cuts) else None
+  _, ys = jax.lax.scan(_checkpointed(body, remat, in_scan=True), x,
+                       (stacked, rngs, cut_flags))
   return [ys[i] for i in range(len(layers))]
 
 
@@ -382,17 +392,9 @@ class Encoder(nnx.Module):
       table = self.encoder.relative_attention_bias.embedding[...]
       bias = jnp.transpose(table[buckets], (2, 0, 1))[None].astype(jnp.float32)
 
-    # Segments between stop-gradient boundaries run one after another (each scanned
-    # when cfg.scan_layers): a boundary's output is recorded with its gradient and
-    # enters the next segment through stop_gradient.
-    bounds = sorted({0, num_layers} | {i for i in stop_gradient_after
-                                        if 0 < i < num_layers})
-    hidden_states = [x]
-    for start, end in zip(bounds[:-1], bounds[1:]):
-      if start in stop_gradient_after:
-        x = jax.lax.stop_gradient(x)
-      hidden_states += run_layers(
-          [self.encoder.layer[i] for i in range(start, end)], x, mask, bias,
-          r_layers[start:end], remat=cfg.remat_policy, scan=cfg.scan_layers)
-      x = hidden_states[-1]
-    return hidden_states
+    # A boundary's output is recorded with its gradient and enters the next layer
+    # through stop_gradient; all segments run in one layer loop (when scanned).
+    cuts = [0 < i < num_layers and i in stop_gradient_after for i in range(num_layers)]
+    return [x] + run_layers([self.encoder.layer[i] for i in range(num_layers)], x, mask,
+                            bias, r_layers, cuts=cuts, remat=cfg.remat_policy,
+                            scan=cfg.scan_layers)
