@@ -131,7 +131,7 @@ def main(argv=None):
     return jax_worker(config, args.window_steps)
 
   from amos_jax import hostcpu
-  processes = hostcpu.requested_processes()
+  processes = hostcpu.processes_to_start()
   if processes > 1:
     jax_window, first_jax, devices = _worker_processes(processes, argv, args.window_steps)
   else:

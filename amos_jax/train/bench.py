@@ -330,7 +330,8 @@ def run(config, args) -> dict:
   analytic = objective.model_flops(t.batch_size, t.seq_len)
   peak, peak_shares = run_peak(config.model.dtype, args.matmul_size)
   out = _common(config, objective, state.params, report, analytic)
-  out.update(xla_step_flops(config))
+  if jax.process_index() == 0:  # the one that reports: the others skip this lowering
+    out.update(xla_step_flops(config))
   out.update(
       mode="measured", backend=device.platform, device_kind=device.device_kind, devices=n,
       processes=jax.process_count(),
