@@ -139,10 +139,16 @@ def processes_to_start() -> int:
 
 
 def start_processes(count: int, command: list[str], environ=None, **popen) -> list:
-  """Starts `command` as processes 0..count-1 of one run on this host: each pinned to
-  its block of cores (`core_blocks`) before Python starts, so that XLA sizes its
-  thread pool to that block, and told where to join with `jax.distributed` on
-  localhost (gloo collectives; amos_jax/train/distributed.py). Returns the Popens."""
+  """Starts `command` as processes 0..count-1 of one run on this host, told where
+  to join with `jax.distributed` on localhost (gloo collectives;
+  amos_jax/train/distributed.py). Returns the Popens.
+
+  Each process runs on its block of cores (`core_blocks`), XLA's thread pool sized
+  to it. Processes 1.. are pinned to their blocks before Python starts. Process 0
+  compiles the programs for all of them while they wait (`share_compiles`), so it
+  is left free to compile on every core; NPROC sizes its thread pool to its block
+  instead. Unpinned so, it steps as fast as pinned (BENCHMARKS.md, "one compile
+  for all processes")."""
   import socket
   import subprocess
   with socket.socket() as s:
@@ -151,11 +157,13 @@ def start_processes(count: int, command: list[str], environ=None, **popen) -> li
   env = {k: v for k, v in (os.environ if environ is None else environ).items()
          if k != PROCESSES_ENV}
   env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(count),
-             JAX_PLATFORMS=env.get("JAX_PLATFORMS") or "cpu")
-  return [subprocess.Popen(command, env=dict(env, JAX_PROCESS_ID=str(i)),
-                           preexec_fn=lambda block=block: os.sched_setaffinity(0, block),
-                           **popen)
-          for i, block in enumerate(core_blocks(count))]
+             JAX_PLATFORMS=env.get("JAX_PLATFORMS") or "cpu", **{ONE_HOST_ENV: "1"})
+  blocks = core_blocks(count)
+  return [subprocess.Popen(
+      command,
+      env=dict(env, JAX_PROCESS_ID=str(i), **({"NPROC": str(len(block))} if i == 0 else {})),
+      preexec_fn=None if i == 0 else (lambda block=block: os.sched_setaffinity(0, block)),
+      **popen) for i, block in enumerate(blocks)]
 
 
 def run_config_processes(count: int, command: list[str], config) -> int:
@@ -209,3 +217,68 @@ def run_processes(count: int, command: list[str]) -> int:
   finally:
     for sig, handler in previous.items():
       signal.signal(sig, handler)
+
+
+# --------------------------------------- one compile for all processes of the host
+ONE_HOST_ENV = "AMOS_JAX_PROCESSES_ON_ONE_HOST"   # set by `start_processes`
+
+
+def share_compiles() -> bool:
+  """In a process of `run_processes`, lets process 0 compile every program the
+  processes run together and hand the executable to the others, instead of each
+  compiling it on its own block of cores; returns True where it is set up.
+
+  JAX has the mechanism (`jax_share_binary_between_hosts`: process 0 compiles and
+  publishes the executable under its persistent-cache key, the others wait for that
+  key), but on CPU every process computes another key: the key hashes the CPU
+  client's topology, whose description differs from process to process. Here all
+  processes run on one host, so the same executable is right for each of them, and
+  the topology's part of the key is replaced by what they share: the devices (ids,
+  process indices, kind) and this host's CPU (its model and instruction-set flags,
+  so a cache directory shared between machines still keeps their programs apart).
+  With equal keys the persistent compilation cache also serves every process, not
+  only process 0. JAX publishes only what goes through the persistent cache, so a
+  run without one (`train.compilation_cache_dir=''`) compiles in every process.
+
+  Call after `jax.distributed.initialize`, before the first compile. Nothing is
+  changed outside a run of `run_processes` or off the CPU backend.
+  """
+  import jax
+  if os.environ.get(ONE_HOST_ENV) != "1" or jax.process_count() == 1:
+    return False
+  if jax.default_backend() != "cpu":
+    return False
+  from jax._src import cache_key
+  if not callable(getattr(cache_key, "_hash_accelerator_config", None)):
+    import logging
+    logging.getLogger(__name__).warning(
+        "this JAX has no cache_key._hash_accelerator_config: every process compiles "
+        "its own programs")
+    return False
+  host = _host_cpu().encode()
+
+  def hash_one_host_devices(hash_obj, devices):
+    hash_obj.update(host)
+    for d in devices.flat:
+      hash_obj.update(f"{d.platform}/{d.device_kind}/{d.id}/{d.process_index};".encode())
+
+  cache_key._hash_accelerator_config = hash_one_host_devices
+  jax.config.update("jax_share_binary_between_hosts", True)
+  import logging
+  logging.getLogger(__name__).info(
+      "process 0 compiles for all %d processes on this host (hostcpu.share_compiles)",
+      jax.process_count())
+  return True
+
+
+def _host_cpu() -> str:
+  """This host's CPU model and instruction-set flags, as /proc/cpuinfo gives them."""
+  import platform
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+      lines = f.read().split("\n\n")[0].splitlines()
+  except OSError:
+    return platform.machine() + platform.processor()
+  fields = dict(line.split(":", 1) for line in lines if ":" in line)
+  return "|".join(fields.get(k, "").strip() for k in
+                  ("vendor_id", "model name", "flags", "Features", "CPU part"))

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from amos_jax import hostcpu
@@ -113,7 +114,7 @@ _CHILD = """
 import json, os, sys, time
 pid = int(os.environ["JAX_PROCESS_ID"])
 print(json.dumps(dict(pid=pid, cores=sorted(os.sched_getaffinity(0)),
-                      n=os.environ["JAX_NUM_PROCESSES"],
+                      n=os.environ["JAX_NUM_PROCESSES"], nproc=os.environ.get("NPROC"),
                       address=os.environ["JAX_COORDINATOR_ADDRESS"],
                       env=os.environ.get("AMOS_JAX_CPU_PROCESSES"))), flush=True)
 if sys.argv[1] == "fail" and pid == 1:
@@ -122,7 +123,7 @@ time.sleep(float(sys.argv[2]))
 """
 
 
-def test_run_processes_pins_each_to_its_cores(tmp_path, capfd, monkeypatch):
+def test_run_processes_gives_each_its_cores(tmp_path, capfd, monkeypatch):
   import json
   monkeypatch.setenv(hostcpu.PROCESSES_ENV, "2")
   cores = sorted(os.sched_getaffinity(0))
@@ -133,7 +134,9 @@ def test_run_processes_pins_each_to_its_cores(tmp_path, capfd, monkeypatch):
                 key=lambda r: r["pid"])
   assert [r["pid"] for r in seen] == [0, 1]
   blocks = hostcpu.core_blocks(2)
-  assert [set(r["cores"]) for r in seen] == blocks
+  # Process 0 compiles for both on every core, its thread pool sized by NPROC.
+  assert set(seen[0]["cores"]) == set(cores) and seen[0]["nproc"] == str(len(blocks[0]))
+  assert set(seen[1]["cores"]) == blocks[1]
   assert {r["address"] for r in seen} == {seen[0]["address"]}
   assert all(r["n"] == "2" and r["env"] is None for r in seen)  # no second launch
 
@@ -162,3 +165,68 @@ def test_a_config_that_does_not_fit_the_processes_is_one_error_before_any_starts
   assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
   assert "train.batch_size=3" in errors[0] and "use a multiple of 2" in errors[0]
   assert "JAX_PROCESS_ID" not in r.stderr and not (tmp_path / "w").exists()
+
+
+_SHARED_COMPILE = """
+import json, os, sys
+import numpy as np
+from amos_jax import hostcpu
+from amos_jax.train.distributed import maybe_initialize_distributed
+import jax
+from jax._src import compiler  # counts XLA compiles: the probe, not the code tested
+compiles = []
+real_compile = compiler.backend_compile_and_load
+def counting(backend, module, *args, **kwargs):
+  compiles.append(str(module.operation.attributes["sym_name"]))
+  return real_compile(backend, module, *args, **kwargs)
+compiler.backend_compile_and_load = counting
+if sys.argv[2] == "launcher":  # as processes another launcher started
+  del os.environ[hostcpu.ONE_HOST_ENV]
+maybe_initialize_distributed()
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+shared = hostcpu.share_compiles()
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+mesh = Mesh(np.array(jax.devices()), ("data",))
+rows = np.arange(16, dtype=np.float32).reshape(4, 4) / 16
+mine = rows[2 * jax.process_index():2 * jax.process_index() + 2]
+x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), mine)
+f = jax.jit(lambda x: (jax.numpy.tanh(x) @ x.T).sum(), out_shardings=NamedSharding(mesh, P()))
+value = float(f(x))
+print(json.dumps(dict(pid=jax.process_index(), shared=shared,
+                      compiles=sum("lambda" in name for name in compiles),
+                      value=value)), flush=True)
+"""
+
+
+def _run_shared_compile(cache, started_by="start_processes"):
+  import json
+  procs = hostcpu.start_processes(
+      2, [sys.executable, "-c", _SHARED_COMPILE, str(cache), started_by],
+      # A key process 1 never finds fails the test in a minute, not in JAX's 20.
+      environ=dict(env_for_host("1"), JAX_SHARE_BINARY_BETWEEN_HOSTS_TIMEOUT_MS="60000"),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+  outs = [p.communicate(timeout=180) for p in procs]
+  assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+  return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+
+def test_processes_on_one_host_compile_once_and_share_the_cache(tmp_path):
+  """`share_compiles`: process 0 compiles a program the processes run together and
+  process 1 loads its executable instead of compiling; with the persistent cache
+  warm, both load it from there (JAX alone keys it per process, so process 1
+  compiled every program afresh on every run)."""
+  rows = np.arange(16, dtype=np.float32).reshape(4, 4) / 16
+  expected = float((np.tanh(rows) @ rows.T).sum())
+  cold = _run_shared_compile(tmp_path / "cache")
+  assert [r["shared"] for r in cold] == [True, True]
+  assert [r["compiles"] for r in cold] == [1, 0]
+  assert all(abs(r["value"] - expected) < 1e-5 for r in cold)
+  warm = _run_shared_compile(tmp_path / "cache")
+  assert [r["compiles"] for r in warm] == [0, 0]
+  assert all(abs(r["value"] - expected) < 1e-5 for r in warm)
+  # Processes not started by `start_processes` (a launcher, other hosts) are left
+  # to JAX: each compiles its own.
+  alone = _run_shared_compile(tmp_path / "other", "launcher")
+  assert [r["shared"] for r in alone] == [False, False]
+  assert [r["compiles"] for r in alone] == [1, 1]

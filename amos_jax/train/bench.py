@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -499,6 +500,27 @@ def _pct(x) -> str:
   return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _run_processes(count: int, argv, config) -> int:
+  """amos-bench as `count` processes (`hostcpu.run_config_processes`), process 0
+  compiling for all as in amos-train (`hostcpu.share_compiles`). JAX hands
+  executables over through its persistent compilation cache, which amos-bench
+  does not otherwise use; the processes get one of their own here, empty and
+  removed after, so the compile times stay those of a compile, not of a cache hit.
+  A cache the user gave JAX (JAX_COMPILATION_CACHE_DIR) is kept as it is."""
+  import tempfile
+
+  from amos_jax import hostcpu
+  command = [sys.executable, "-c", _CHILD, *argv]
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return hostcpu.run_config_processes(count, command, config)
+  with tempfile.TemporaryDirectory(prefix="amos_bench_cache_") as cache:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    try:
+      return hostcpu.run_config_processes(count, command, config)
+    finally:
+      del os.environ["JAX_COMPILATION_CACHE_DIR"]
+
+
 # One process of a multi-process amos-bench (`hostcpu.run_processes`).
 _CHILD = "import sys; from amos_jax.cli import bench_main; bench_main(sys.argv[1:])"
 
@@ -515,12 +537,13 @@ def main(argv=None) -> int:
     from amos_jax import hostcpu
     processes = hostcpu.processes_to_start()
     if processes > 1:  # as amos-train: N pinned data-parallel processes
-      return hostcpu.run_config_processes(
-          processes, [sys.executable, "-c", _CHILD, *argv], config)
+      return _run_processes(processes, argv, config)
     skip_absent_tpu()
     from amos_jax.train.distributed import maybe_initialize_distributed
     if maybe_initialize_distributed() == 1:
       hostcpu.split_host(1)   # as amos-train: more devices only when asked
+    else:
+      hostcpu.share_compiles()   # as amos-train: process 0 compiles for all
     out = run(config, args)
     import jax
     if jax.process_index() != 0:
