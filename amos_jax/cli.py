@@ -106,7 +106,7 @@ def _train(argv: list[str]) -> int:
   args, config = parse_train_args(argv)
   processes = hostcpu.processes_to_start()
   if processes > 1 and not args.compile_only and args.num_processes is None:
-    # One pinned process per block of cores, data-parallel (amos_jax/hostcpu.py).
+    # One process per block of cores, data-parallel (amos_jax/hostcpu.py).
     return hostcpu.run_config_processes(
         processes, [sys.executable, "-m", "amos_jax.cli", *argv], config)
   if not args.compile_only:  # before the first compilation, which fixes JAX's choice

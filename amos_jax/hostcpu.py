@@ -24,17 +24,19 @@ The command-line tools call `split_host` before JAX starts its CPU client:
 
 Devices of one process share one thread pool, and XLA splits every kernel over it.
 `AMOS_JAX_CPU_PROCESSES=N` (or `auto`: one per core) runs amos-train instead as N
-data-parallel processes, each pinned to its own block of cores (`run_processes`),
-joined by `jax.distributed` on localhost; their gradients cross in one flat
-all-reduce per step (`sharding.grad_allreduce`, train/step.py). The ELECTRA-small
-step takes about 0.9 of its one-process time that way (BENCHMARKS.md); compiling
-on one core takes longer, so short runs gain nothing.
+data-parallel processes, each on its own block of cores (`run_processes`), joined
+by `jax.distributed` on localhost; their gradients cross in one flat all-reduce per
+step (`sharding.grad_allreduce`, train/step.py). Process 0 compiles each program
+for all of them (`share_compiles`). The ELECTRA-small step takes about 0.9 of its
+one-process time that way (BENCHMARKS.md); the program with the all-reduce takes
+longer to compile than one process's, so short runs gain nothing.
 
 On a host with an accelerator the setting changes nothing the run uses: it sizes
 only the CPU client, and the mesh is built over the accelerator's devices.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 from amos_jax.errors import ConfigError
@@ -282,3 +284,22 @@ def _host_cpu() -> str:
   fields = dict(line.split(":", 1) for line in lines if ":" in line)
   return "|".join(fields.get(k, "").strip() for k in
                   ("vendor_id", "model name", "flags", "Features", "CPU part"))
+
+
+@contextlib.contextmanager
+def run_compilation_cache():
+  """For processes started inside it: a persistent compilation cache of their own
+  (JAX_COMPILATION_CACHE_DIR), empty, removed on leaving, through which process 0
+  hands them its executables (`share_compiles`). For tools that time compiles
+  (amos-bench, benchmarks/compare_torch.py): a cache hit is not a compile. A cache
+  the user gave JAX is kept as it is."""
+  import tempfile
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    yield os.environ["JAX_COMPILATION_CACHE_DIR"]
+    return
+  with tempfile.TemporaryDirectory(prefix="amos_run_cache_") as cache:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    try:
+      yield cache
+    finally:
+      del os.environ["JAX_COMPILATION_CACHE_DIR"]

@@ -10,7 +10,7 @@ of the medians over rounds; the per-round ratios show the spread. Sizes, batch,
 sequence length and dropout come from the JAX config (an ELECTRA config).
 
 With AMOS_JAX_CPU_PROCESSES=N (as amos-train takes it) the JAX step runs as N
-data-parallel processes pinned to blocks of cores (amos_jax/hostcpu.py), each
+data-parallel processes on blocks of cores (amos_jax/hostcpu.py), each
 with its share of the batch; this process tells them when to step (they idle
 while torch steps, which keeps every core) and times each window from its order
 to the last process's reply.
@@ -70,7 +70,7 @@ _REPLY = "jax-worker: "
 
 
 def _worker_processes(count, argv, window_steps):
-  """As _in_process, the JAX step run by `count` pinned processes (hostcpu)."""
+  """As _in_process, the JAX step run by `count` processes (hostcpu)."""
   import subprocess
   from amos_jax import hostcpu
   procs = hostcpu.start_processes(
@@ -101,8 +101,10 @@ def _worker_processes(count, argv, window_steps):
 
 def jax_worker(config, window_steps):
   """One process of the multi-process JAX step: one window per `step` line read."""
+  from amos_jax import hostcpu
   from amos_jax.train.distributed import maybe_initialize_distributed
   maybe_initialize_distributed()
+  hostcpu.share_compiles()   # process 0 compiles for all, as in amos-train
   window, first, _ = _in_process(config, window_steps)
   print(f"{_REPLY}{first:.6f}", flush=True)
   for line in sys.stdin:
@@ -133,7 +135,8 @@ def main(argv=None):
   from amos_jax import hostcpu
   processes = hostcpu.processes_to_start()
   if processes > 1:
-    jax_window, first_jax, devices = _worker_processes(processes, argv, args.window_steps)
+    with hostcpu.run_compilation_cache():  # needed until the processes have compiled
+      jax_window, first_jax, devices = _worker_processes(processes, argv, args.window_steps)
   else:
     jax_window, first_jax, devices = _in_process(config, args.window_steps)
   from benchmarks.torch_electra_baseline import make_step

@@ -143,4 +143,4 @@ def test_amos_bench_as_processes_steps_the_same_batch(tmp_path, one_process):
   # Process 0 compiled for both, through a cache of the run's own, left behind nowhere.
   assert "process 0 compiles for all 2 processes" in r.stderr
   assert not [p for p in os.listdir(tempfile.gettempdir())
-              if p.startswith("amos_bench_cache_") and p not in caches_before]
+              if p.startswith("amos_run_cache_") and p not in caches_before]

@@ -15,8 +15,8 @@ runs): memory, FLOPs and bytes per chip from the compiled program, and a rooflin
 ESTIMATE of step time and MFU at the chip's datasheet figures.
 
 Under `AMOS_JAX_CPU_PROCESSES=N` (as amos-train, amos_jax/hostcpu.py) the step runs
-as N data-parallel processes, each pinned to its own block of cores, each with its
-share of the batch; the matmul peak is then the sum of the processes' peaks,
+as N data-parallel processes, each on its own block of cores, each with its
+share of the batch, process 0 compiling for all; the matmul peak is then the sum of the processes' peaks,
 measured at once. Process 0 prints the table and writes the JSON.
 """
 from __future__ import annotations
@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -106,7 +105,7 @@ def run_peak(dtype: str, size: int) -> tuple[float, list[float]]:
   """(FLOP/s of all the run's devices, each process's share), measured now.
 
   A CPU process's devices share one thread pool, so one device's matmul is the
-  process's peak (amos_jax/hostcpu.py); processes pinned to disjoint cores add up,
+  process's peak (amos_jax/hostcpu.py); processes on disjoint cores add up,
   and are measured at the same time, contending for the host as the step does.
   Accelerator chips add up.
   """
@@ -502,23 +501,12 @@ def _pct(x) -> str:
 
 def _run_processes(count: int, argv, config) -> int:
   """amos-bench as `count` processes (`hostcpu.run_config_processes`), process 0
-  compiling for all as in amos-train (`hostcpu.share_compiles`). JAX hands
-  executables over through its persistent compilation cache, which amos-bench
-  does not otherwise use; the processes get one of their own here, empty and
-  removed after, so the compile times stay those of a compile, not of a cache hit.
-  A cache the user gave JAX (JAX_COMPILATION_CACHE_DIR) is kept as it is."""
-  import tempfile
-
+  compiling for all as in amos-train, through a cache of the run's own: the
+  compile times stay those of a compile, not of a cache hit."""
   from amos_jax import hostcpu
-  command = [sys.executable, "-c", _CHILD, *argv]
-  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    return hostcpu.run_config_processes(count, command, config)
-  with tempfile.TemporaryDirectory(prefix="amos_bench_cache_") as cache:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
-    try:
-      return hostcpu.run_config_processes(count, command, config)
-    finally:
-      del os.environ["JAX_COMPILATION_CACHE_DIR"]
+  with hostcpu.run_compilation_cache():
+    return hostcpu.run_config_processes(count, [sys.executable, "-c", _CHILD, *argv],
+                                        config)
 
 
 # One process of a multi-process amos-bench (`hostcpu.run_processes`).
@@ -536,7 +524,7 @@ def main(argv=None) -> int:
   else:
     from amos_jax import hostcpu
     processes = hostcpu.processes_to_start()
-    if processes > 1:  # as amos-train: N pinned data-parallel processes
+    if processes > 1:  # as amos-train: N data-parallel processes
       return _run_processes(processes, argv, config)
     skip_absent_tpu()
     from amos_jax.train.distributed import maybe_initialize_distributed
