@@ -36,7 +36,6 @@ only the CPU client, and the mesh is built over the accelerator's devices.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 from amos_jax.errors import ConfigError
@@ -238,9 +237,9 @@ def share_compiles() -> bool:
   the topology's part of the key is replaced by what they share: the devices (ids,
   process indices, kind) and this host's CPU (its model and instruction-set flags,
   so a cache directory shared between machines still keeps their programs apart).
-  With equal keys the persistent compilation cache also serves every process, not
-  only process 0. JAX publishes only what goes through the persistent cache, so a
-  run without one (`train.compilation_cache_dir=''`) compiles in every process.
+  With equal keys the persistent compilation cache, where one is set, also serves
+  every process, not only process 0. (JAX computes the key, and so shares, unless
+  `jax_enable_compilation_cache` is off.)
 
   Call after `jax.distributed.initialize`, before the first compile. Nothing is
   changed outside a run of `run_processes` or off the CPU backend.
@@ -285,21 +284,3 @@ def _host_cpu() -> str:
   return "|".join(fields.get(k, "").strip() for k in
                   ("vendor_id", "model name", "flags", "Features", "CPU part"))
 
-
-@contextlib.contextmanager
-def run_compilation_cache():
-  """For processes started inside it: a persistent compilation cache of their own
-  (JAX_COMPILATION_CACHE_DIR), empty, removed on leaving, through which process 0
-  hands them its executables (`share_compiles`). For tools that time compiles
-  (amos-bench, benchmarks/compare_torch.py): a cache hit is not a compile. A cache
-  the user gave JAX is kept as it is."""
-  import tempfile
-  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    yield os.environ["JAX_COMPILATION_CACHE_DIR"]
-    return
-  with tempfile.TemporaryDirectory(prefix="amos_run_cache_") as cache:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
-    try:
-      yield cache
-    finally:
-      del os.environ["JAX_COMPILATION_CACHE_DIR"]

@@ -135,8 +135,7 @@ def main(argv=None):
   from amos_jax import hostcpu
   processes = hostcpu.processes_to_start()
   if processes > 1:
-    with hostcpu.run_compilation_cache():  # needed until the processes have compiled
-      jax_window, first_jax, devices = _worker_processes(processes, argv, args.window_steps)
+    jax_window, first_jax, devices = _worker_processes(processes, argv, args.window_steps)
   else:
     jax_window, first_jax, devices = _in_process(config, args.window_steps)
   from benchmarks.torch_electra_baseline import make_step

@@ -183,8 +183,9 @@ compiler.backend_compile_and_load = counting
 if sys.argv[2] == "launcher":  # as processes another launcher started
   del os.environ[hostcpu.ONE_HOST_ENV]
 maybe_initialize_distributed()
-jax.config.update("jax_compilation_cache_dir", sys.argv[1])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+if sys.argv[1]:  # else no persistent cache, as amos-train with compilation_cache_dir=''
+  jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 shared = hostcpu.share_compiles()
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -213,11 +214,14 @@ def _run_shared_compile(cache, started_by="start_processes"):
 
 def test_processes_on_one_host_compile_once_and_share_the_cache(tmp_path):
   """`share_compiles`: process 0 compiles a program the processes run together and
-  process 1 loads its executable instead of compiling; with the persistent cache
-  warm, both load it from there (JAX alone keys it per process, so process 1
-  compiled every program afresh on every run)."""
+  process 1 loads its executable instead of compiling, with or without a persistent
+  cache; with the cache warm, both load it from there (JAX alone keys it per
+  process, so process 1 compiled every program afresh on every run)."""
   rows = np.arange(16, dtype=np.float32).reshape(4, 4) / 16
   expected = float((np.tanh(rows) @ rows.T).sum())
+  no_cache = _run_shared_compile("")
+  assert [r["compiles"] for r in no_cache] == [1, 0]
+  assert all(abs(r["value"] - expected) < 1e-5 for r in no_cache)
   cold = _run_shared_compile(tmp_path / "cache")
   assert [r["shared"] for r in cold] == [True, True]
   assert [r["compiles"] for r in cold] == [1, 0]
@@ -227,6 +231,6 @@ def test_processes_on_one_host_compile_once_and_share_the_cache(tmp_path):
   assert all(abs(r["value"] - expected) < 1e-5 for r in warm)
   # Processes not started by `start_processes` (a launcher, other hosts) are left
   # to JAX: each compiles its own.
-  alone = _run_shared_compile(tmp_path / "other", "launcher")
+  alone = _run_shared_compile("", "launcher")
   assert [r["shared"] for r in alone] == [False, False]
   assert [r["compiles"] for r in alone] == [1, 1]

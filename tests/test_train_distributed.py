@@ -12,8 +12,9 @@ def test_two_processes_train_like_one(tmp_path, corpus_and_tokenizer):
   one = run_train(tmp_path / "one", corpus_and_tokenizer, *steps, devices=2)
   assert one.returncode == 0, one.stderr[-3000:]
 
-  # AMOS_JAX_CPU_PROCESSES=2: amos-train starts two pinned processes itself
-  # (amos_jax/hostcpu.py), which join on localhost as any multi-process run does.
+  # AMOS_JAX_CPU_PROCESSES=2: amos-train starts two processes itself
+  # (amos_jax/hostcpu.py), which join on localhost as any multi-process run does;
+  # process 0 compiles for both (hostcpu.share_compiles), and they train alike.
   env = dict(env_for(1), AMOS_JAX_CPU_PROCESSES="2")
   two = subprocess.run(train_cmd(tmp_path / "two", corpus_and_tokenizer, *steps), env=env,
                      capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -27,3 +28,4 @@ def test_two_processes_train_like_one(tmp_path, corpus_and_tokenizer):
   # CPU processes reduce their gradients in one all-reduce per step (auto); the
   # one-process run above lets the partitioner place them, and trains the same.
   assert "one flat all-reduce per step over 2 devices" in two.stderr, two.stderr[-3000:]
+  assert "process 0 compiles for all 2 processes" in two.stderr

@@ -499,16 +499,6 @@ def _pct(x) -> str:
   return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def _run_processes(count: int, argv, config) -> int:
-  """amos-bench as `count` processes (`hostcpu.run_config_processes`), process 0
-  compiling for all as in amos-train, through a cache of the run's own: the
-  compile times stay those of a compile, not of a cache hit."""
-  from amos_jax import hostcpu
-  with hostcpu.run_compilation_cache():
-    return hostcpu.run_config_processes(count, [sys.executable, "-c", _CHILD, *argv],
-                                        config)
-
-
 # One process of a multi-process amos-bench (`hostcpu.run_processes`).
 _CHILD = "import sys; from amos_jax.cli import bench_main; bench_main(sys.argv[1:])"
 
@@ -525,7 +515,8 @@ def main(argv=None) -> int:
     from amos_jax import hostcpu
     processes = hostcpu.processes_to_start()
     if processes > 1:  # as amos-train: N data-parallel processes
-      return _run_processes(processes, argv, config)
+      return hostcpu.run_config_processes(
+          processes, [sys.executable, "-c", _CHILD, *argv], config)
     skip_absent_tpu()
     from amos_jax.train.distributed import maybe_initialize_distributed
     if maybe_initialize_distributed() == 1:
