@@ -283,4 +283,3 @@ def _host_cpu() -> str:
   fields = dict(line.split(":", 1) for line in lines if ":" in line)
   return "|".join(fields.get(k, "").strip() for k in
                   ("vendor_id", "model name", "flags", "Features", "CPU part"))
-

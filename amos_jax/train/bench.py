@@ -16,8 +16,9 @@ ESTIMATE of step time and MFU at the chip's datasheet figures.
 
 Under `AMOS_JAX_CPU_PROCESSES=N` (as amos-train, amos_jax/hostcpu.py) the step runs
 as N data-parallel processes, each on its own block of cores, each with its
-share of the batch, process 0 compiling for all; the matmul peak is then the sum of the processes' peaks,
-measured at once. Process 0 prints the table and writes the JSON.
+share of the batch, process 0 compiling for all; the matmul peak is then the sum
+of the processes' peaks, measured at once. Process 0 prints the table and writes
+the JSON.
 """
 from __future__ import annotations
 
