@@ -147,9 +147,8 @@ def start_processes(count: int, command: list[str], environ=None, **popen) -> li
   Each process runs on its block of cores (`core_blocks`), XLA's thread pool sized
   to it. Processes 1.. are pinned to their blocks before Python starts. Process 0
   compiles the programs for all of them while they wait (`share_compiles`), so it
-  is left free to compile on every core; NPROC sizes its thread pool to its block
-  instead. Unpinned so, it steps as fast as pinned (BENCHMARKS.md, "one compile
-  for all processes")."""
+  starts free to compile on every core, NPROC sizing its thread pool to its block,
+  and pins itself there once its step is compiled (`settle_on_cores`)."""
   import socket
   import subprocess
   with socket.socket() as s:
@@ -162,7 +161,9 @@ def start_processes(count: int, command: list[str], environ=None, **popen) -> li
   blocks = core_blocks(count)
   return [subprocess.Popen(
       command,
-      env=dict(env, JAX_PROCESS_ID=str(i), **({"NPROC": str(len(block))} if i == 0 else {})),
+      env=dict(env, JAX_PROCESS_ID=str(i),
+               **({"NPROC": str(len(block)), CORES_ENV: ",".join(map(str, sorted(block)))}
+                  if i == 0 else {})),
       preexec_fn=None if i == 0 else (lambda block=block: os.sched_setaffinity(0, block)),
       **popen) for i, block in enumerate(blocks)]
 
@@ -222,6 +223,27 @@ def run_processes(count: int, command: list[str]) -> int:
 
 # --------------------------------------- one compile for all processes of the host
 ONE_HOST_ENV = "AMOS_JAX_PROCESSES_ON_ONE_HOST"   # set by `start_processes`
+CORES_ENV = "AMOS_JAX_PROCESS_CORES"   # process 0's block, till `settle_on_cores`
+
+
+def settle_on_cores() -> None:
+  """Pins every thread of process 0 of `start_processes` to its block of cores, as
+  the other processes are from their start. Process 0 runs on every core until
+  then, to compile for all (`share_compiles`): call once the step is compiled.
+  Does nothing in any other process, or the second time."""
+  cores = os.environ.pop(CORES_ENV, "")
+  if not cores:
+    return
+  block = {int(c) for c in cores.split(",")}
+  try:
+    threads = [int(t) for t in os.listdir("/proc/self/task")]
+  except OSError:
+    threads = [0]
+  for thread in threads:
+    try:
+      os.sched_setaffinity(thread, block)
+    except OSError:  # a thread that has ended since
+      pass
 
 
 def share_compiles() -> bool:

@@ -106,6 +106,7 @@ def jax_worker(config, window_steps):
   maybe_initialize_distributed()
   hostcpu.share_compiles()   # process 0 compiles for all, as in amos-train
   window, first, _ = _in_process(config, window_steps)
+  hostcpu.settle_on_cores()   # compiled: process 0 settles on its cores
   print(f"{_REPLY}{first:.6f}", flush=True)
   for line in sys.stdin:
     if line.strip() == "step":

@@ -111,9 +111,16 @@ def test_core_blocks_split_the_cores_evenly_and_apart():
 
 
 _CHILD = """
-import json, os, sys, time
+import json, os, sys, threading, time
+from amos_jax import hostcpu
 pid = int(os.environ["JAX_PROCESS_ID"])
-print(json.dumps(dict(pid=pid, cores=sorted(os.sched_getaffinity(0)),
+started = sorted(os.sched_getaffinity(0))
+worker = threading.Thread(target=time.sleep, args=(2,))  # a pool thread, say
+worker.start()
+hostcpu.settle_on_cores()
+hostcpu.settle_on_cores()  # the second time: nothing
+print(json.dumps(dict(pid=pid, started=started, cores=sorted(os.sched_getaffinity(0)),
+                      worker=sorted(os.sched_getaffinity(worker.native_id)),
                       n=os.environ["JAX_NUM_PROCESSES"], nproc=os.environ.get("NPROC"),
                       address=os.environ["JAX_COORDINATOR_ADDRESS"],
                       env=os.environ.get("AMOS_JAX_CPU_PROCESSES"))), flush=True)
@@ -134,9 +141,11 @@ def test_run_processes_gives_each_its_cores(tmp_path, capfd, monkeypatch):
                 key=lambda r: r["pid"])
   assert [r["pid"] for r in seen] == [0, 1]
   blocks = hostcpu.core_blocks(2)
-  # Process 0 compiles for both on every core, its thread pool sized by NPROC.
-  assert set(seen[0]["cores"]) == set(cores) and seen[0]["nproc"] == str(len(blocks[0]))
-  assert set(seen[1]["cores"]) == blocks[1]
+  # Process 0 starts on every core to compile for both, its thread pool sized by
+  # NPROC, then settles on its block, every thread of it; process 1 starts pinned.
+  assert set(seen[0]["started"]) == set(cores) and seen[0]["nproc"] == str(len(blocks[0]))
+  assert set(seen[1]["started"]) == blocks[1]
+  assert [set(r["cores"]) for r in seen] == [set(r["worker"]) for r in seen] == blocks
   assert {r["address"] for r in seen} == {seen[0]["address"]}
   assert all(r["n"] == "2" and r["env"] is None for r in seen)  # no second launch
 

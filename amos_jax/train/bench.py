@@ -308,6 +308,7 @@ def run(config, args) -> dict:
   """Compiles and times the step on this host's devices."""
   import jax
   from amos_jax import config as config_lib
+  from amos_jax import hostcpu
   from amos_jax.model.partitioning import axis_rules
   from amos_jax.objectives import get_objective
   from amos_jax.train import aot
@@ -320,6 +321,7 @@ def run(config, args) -> dict:
   batch = process_random_batch(config, trainer.batch_sharding)
   with jax.set_mesh(mesh), axis_rules(config.sharding.rules):
     compiled, timings = aot.lower_and_compile(trainer.train_step, (trainer.state, batch))
+    hostcpu.settle_on_cores()   # process 0 of a multi-process run, as amos-train
     times, state, metrics = time_steps(compiled, trainer.state, batch, args.warmup,
                                        args.windows, args.window_steps)
   report = aot.analyze(compiled)

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from amos_jax import config as config_lib
+from amos_jax import hostcpu
 from amos_jax.data.pipeline import to_global_arrays
 from amos_jax.data.sources import make_source
 from amos_jax.errors import ConfigError, TrainingError
@@ -179,6 +180,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
       while step < t.steps:
         batch = to_global_arrays(data.batch(step), mesh, batch_sh)
         state, metrics = train_step(state, batch)
+        if step == start_step:  # compiled: process 0 of a CPU run settles on its cores
+          hostcpu.settle_on_cores()
         step += 1
         window_steps += 1
         if step % t.log_every == 0 or step == t.steps or step == start_step + 1:
