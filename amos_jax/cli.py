@@ -120,8 +120,6 @@ def _train(argv: list[str]) -> int:
                                            args.process_id)
   if processes == 1 and not config.mesh.get("topology") and not config.mesh.get("fake_devices"):
     hostcpu.split_host(1)   # more devices only when asked (amos_jax/hostcpu.py)
-  elif processes > 1:
-    hostcpu.share_compiles()   # processes on one host: process 0 compiles for all
   from amos_jax.train import loop
   if args.compile_only:
     _compile_only(loop, config)

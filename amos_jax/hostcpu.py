@@ -36,11 +36,13 @@ only the CPU client, and the mesh is built over the accelerator's devices.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 from amos_jax.errors import ConfigError
 
 ENV = "AMOS_JAX_CPU_DEVICES"
+log = logging.getLogger(__name__)
 
 
 def _env_count(environ, name: str, noun: str, one: str) -> int | None:
@@ -263,7 +265,8 @@ def share_compiles() -> bool:
   every process, not only process 0. (JAX computes the key, and so shares, unless
   `jax_enable_compilation_cache` is off.)
 
-  Call after `jax.distributed.initialize`, before the first compile. Nothing is
+  `train.distributed.maybe_initialize_distributed` calls it once the processes
+  have joined, before the first compile; a second call changes nothing. Nothing is
   changed outside a run of `run_processes` or off the CPU backend.
   """
   import jax
@@ -272,11 +275,12 @@ def share_compiles() -> bool:
   if jax.default_backend() != "cpu":
     return False
   from jax._src import cache_key
-  if not callable(getattr(cache_key, "_hash_accelerator_config", None)):
-    import logging
-    logging.getLogger(__name__).warning(
-        "this JAX has no cache_key._hash_accelerator_config: every process compiles "
-        "its own programs")
+  hash_devices = getattr(cache_key, "_hash_accelerator_config", None)
+  if getattr(hash_devices, "one_host", False):
+    return True   # set up already
+  if not callable(hash_devices):
+    log.warning("this JAX has no cache_key._hash_accelerator_config: every process "
+                "compiles its own programs")
     return False
   host = _host_cpu().encode()
 
@@ -285,12 +289,11 @@ def share_compiles() -> bool:
     for d in devices.flat:
       hash_obj.update(f"{d.platform}/{d.device_kind}/{d.id}/{d.process_index};".encode())
 
+  hash_one_host_devices.one_host = True
   cache_key._hash_accelerator_config = hash_one_host_devices
   jax.config.update("jax_share_binary_between_hosts", True)
-  import logging
-  logging.getLogger(__name__).info(
-      "process 0 compiles for all %d processes on this host (hostcpu.share_compiles)",
-      jax.process_count())
+  log.info("process 0 compiles for all %d processes on this host "
+           "(hostcpu.share_compiles)", jax.process_count())
   return True
 
 

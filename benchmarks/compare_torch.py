@@ -103,8 +103,7 @@ def jax_worker(config, window_steps):
   """One process of the multi-process JAX step: one window per `step` line read."""
   from amos_jax import hostcpu
   from amos_jax.train.distributed import maybe_initialize_distributed
-  maybe_initialize_distributed()
-  hostcpu.share_compiles()   # process 0 compiles for all, as in amos-train
+  maybe_initialize_distributed()   # process 0 then compiles for all, as in amos-train
   window, first, _ = _in_process(config, window_steps)
   hostcpu.settle_on_cores()   # compiled: process 0 settles on its cores
   print(f"{_REPLY}{first:.6f}", flush=True)

@@ -524,8 +524,6 @@ def main(argv=None) -> int:
     from amos_jax.train.distributed import maybe_initialize_distributed
     if maybe_initialize_distributed() == 1:
       hostcpu.split_host(1)   # as amos-train: more devices only when asked
-    else:
-      hostcpu.share_compiles()   # as amos-train: process 0 compiles for all
     out = run(config, args)
     import jax
     if jax.process_index() != 0:

@@ -147,6 +147,9 @@ def maybe_initialize_distributed(
       process_id=process_id,
       local_device_ids=local_device_ids,
       initialization_timeout=initialization_timeout)
+  # Processes that amos_jax started on one CPU host: process 0 compiles for all.
+  from amos_jax import hostcpu
+  hostcpu.share_compiles()
   return jax.process_count()
 
 
