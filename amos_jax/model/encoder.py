@@ -10,6 +10,7 @@ train step a pure function and lets GradCache replay the exact same dropout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -87,9 +88,17 @@ def _split(rng, n):
   return (None,) * n if rng is None else rng_lib.split(rng, n)
 
 
+@functools.lru_cache(maxsize=None)
+def normal_init(stddev: float):
+  """BERT's N(0, stddev^2) initializer, one function per stddev: every layer's
+  kernels then share it, and their deferred draws batch over the layers
+  (model/deferred_init.py)."""
+  return nnx.initializers.normal(stddev)
+
+
 def dense(cfg: EncoderConfig, d_in: int, d_out: int, axes, rngs: nnx.Rngs,
           use_bias: bool = True) -> Dense:
-  init = nnx.initializers.normal(cfg.initializer_range)
+  init = normal_init(cfg.initializer_range)
   return Dense(
       d_in, d_out, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
       kernel_init=with_logical_axes(init, axes),
@@ -123,7 +132,7 @@ def layer_norm(cfg: EncoderConfig, dim: int, rngs: nnx.Rngs) -> LayerNorm:
 
 
 def embed(cfg: EncoderConfig, num: int, dim: int, axes, rngs: nnx.Rngs) -> nnx.Embed:
-  init = nnx.initializers.normal(cfg.initializer_range)
+  init = normal_init(cfg.initializer_range)
   return nnx.Embed(num, dim, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
                    embedding_init=with_logical_axes(init, axes), rngs=rngs)
 

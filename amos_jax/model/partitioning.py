@@ -15,6 +15,8 @@ import jax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from amos_jax.model import deferred_init
+
 # Variables carry their logical names as metadata only; shardings are applied by the
 # trainer (jit out_shardings), never eagerly at construction.
 flax.config.update("flax_always_shard_variable", False)
@@ -27,8 +29,9 @@ _RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar(
 
 
 def with_logical_axes(init, axes: LogicalAxes):
-  """Wraps an initializer so the created Param carries logical axis names."""
-  return nnx.with_partitioning(init, axes)
+  """Wraps an initializer so the created Param carries logical axis names (and its
+  draw can be deferred and batched over layers: `deferred_init`)."""
+  return nnx.with_partitioning(deferred_init.deferrable(init), axes)
 
 
 def logical_to_mesh(axes: LogicalAxes | None, rules: Rules) -> P:

@@ -10,6 +10,7 @@ from flax import nnx, struct
 
 from amos_jax import config as config_lib
 from amos_jax.errors import ConfigError
+from amos_jax.model import deferred_init
 from amos_jax.model.tracing import cheap_tracer_errors
 from amos_jax.train import sharding as shd
 from amos_jax.train.layer_groups import (LayerStacked, group, group_opt_state,
@@ -98,18 +99,20 @@ def abstract_model(objective):
 
 
 def _init_and_shardings(objective, mesh, tx):
-  """(graphdef, init fn, abstract state, state shardings, CheckpointForm); traces
-  the model once."""
+  """(graphdef, init fn, abstract state, state shardings, CheckpointForm); builds
+  the model once, on the host, with its draws deferred."""
   config = objective.config
-  graphdef, abstract_params = abstract_model(objective)
+  with cheap_tracer_errors():
+    graphdef, plan = deferred_init.plan_params(objective.build_model, config.train.seed)
+  abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), plan)
   params_sh = shd.param_shardings(abstract_params, mesh, config.sharding.rules)
-  seed = config.train.seed
+  # One draw per layer-stacked parameter (model/deferred_init.py): the initializer
+  # compiles a kernel per parameter group instead of one per layer.
+  plan = group(plan, stack=deferred_init.stack_draws)
 
   def init():
-    with cheap_tracer_errors():  # traced by eval_shape and jit (model/tracing.py)
-      model = objective.build_model(nnx.Rngs(seed))
-    _, params = nnx.split(model, nnx.Param)
-    params = group(params)
+    params = LayerStacked({name: deferred_init.value_of(leaf)
+                           for name, leaf in plan.arrays.items()}, plan.layout)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params),
                       nonfinite_streak=jnp.zeros((), jnp.int32))
@@ -143,8 +146,7 @@ def create_train_state_and_form(objective, mesh, tx):
   state_shardings, form)."""
   graphdef, init, _, state_sh, form = _init_and_shardings(objective, mesh, tx)
   with jax.set_mesh(mesh):
-    # The step's compiler options: on CPU, LLVM level 1 compiles the ~180 random
-    # initializer kernels in a quarter less time, and the values are the same.
+    # The step's compiler options (on CPU, LLVM level 1: the same values).
     state = jax.jit(init, out_shardings=state_sh,
                     compiler_options=shd.compiler_options(mesh))()
   return graphdef, state, state_sh, form
