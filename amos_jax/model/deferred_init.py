@@ -10,9 +10,11 @@ same draws batched over the layers compile in a fraction of a second.
 initializer deferred: it records the key nnx hands it, and the parameter holds a
 `ShapeDtypeStruct` stand-in. Grouped by layer (`layer_groups.group` with
 `stack_draws`), each layer-stacked parameter is then drawn inside the caller's jit
-(`value_of`) as one `vmap` of its initializer over its layers' keys. The keys are the ones the plain construction uses, and a
-vmapped draw gives each key the bits it gives alone, so the parameters equal the
-plain `build_model(nnx.Rngs(seed))` construction's bit for bit (tested).
+(`value_of`) as one `vmap` of its initializer over its layers' keys. The keys are
+the ones the plain construction uses, and a vmapped draw gives each key the bits it
+gives alone, so the parameters equal the plain `build_model(nnx.Rngs(seed))`
+construction's bit for bit (tests/test_deferred_init.py). Layers drawn alike must
+share one initializer function (`encoder.normal_init`); others are drawn one by one.
 """
 from __future__ import annotations
 

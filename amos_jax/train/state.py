@@ -102,8 +102,7 @@ def _init_and_shardings(objective, mesh, tx):
   """(graphdef, init fn, abstract state, state shardings, CheckpointForm); builds
   the model once, on the host, with its draws deferred."""
   config = objective.config
-  with cheap_tracer_errors():
-    graphdef, plan = deferred_init.plan_params(objective.build_model, config.train.seed)
+  graphdef, plan = deferred_init.plan_params(objective.build_model, config.train.seed)
   abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), plan)
   params_sh = shd.param_shardings(abstract_params, mesh, config.sharding.rules)
   # One draw per layer-stacked parameter (model/deferred_init.py): the initializer
