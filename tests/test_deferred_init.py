@@ -27,17 +27,26 @@ def _plain_params(objective, seed):
   return jax.jit(build)()
 
 
-def _trainer_parts(name, **model):
+def _trainer_parts(name, objective_options=None, **model):
   config = tiny_config(name, **model)
+  config.objective.update(objective_options or {})
   config.train.seed = 7
   config = config_lib.freeze(config)
   objective = get_objective(config)
   return objective, shd.build_mesh(config.mesh), make_optimizer(config.train)
 
 
-@pytest.mark.parametrize("name", ["electra", "amos", "mlm"])
-def test_the_trainer_state_holds_the_plain_constructions_parameters(name):
-  objective, mesh, tx = _trainer_parts(name, num_layers=3)
+@pytest.mark.parametrize("name,objective_options,model", [
+    ("electra", {}, {}),
+    ("electra", {"embedding_sharing": "gdes"}, {"relative_attention_buckets": 8}),
+    ("amos", {}, {}),
+    ("mlm", {}, {}),
+    ("classify", {"num_labels": 3}, {}),
+    ("tests.objective_example", {}, {}),
+])
+def test_the_trainer_state_holds_the_plain_constructions_parameters(
+    name, objective_options, model):
+  objective, mesh, tx = _trainer_parts(name, objective_options, num_layers=3, **model)
   _, state, _ = state_lib.create_train_state(objective, mesh, tx)
   plain = _plain_params(objective, 7)
   assert list(state.params.arrays) == list(plain.arrays)
