@@ -41,6 +41,8 @@ def test_amos_bench_runs_on_a_tiny_config(one_process):
     assert row in table
   assert r["compile_seconds"] > 0 and r["lower_seconds"] > 0 and r["init_seconds"] > 0
   assert len(r["step_times"]) == 2 and r["step_seconds_median"] > 0
+  assert len(r["matmul_peak_windows"]) == 2
+  assert r["matmul_peak_flops"] == max(r["matmul_peak_windows"])
   assert r["tokens_per_second"] == pytest.approx(4 * 32 / r["step_seconds_median"])
   assert 0 < r["mfu_vs_measured_matmul"] < 1.5
   assert 0.7 < r["xla_flops_per_step"] / r["model_flops_per_step"] < 2.0
@@ -88,26 +90,30 @@ def test_hlo_dots_counts_each_product_through_the_layer_loop():
 _BENCH_ON_HOST_DEVICES = """
 import sys
 from amos_jax.train import bench
-bench.matmul_peak = lambda dtype, size: 1e9  # a known peak: what the table divides by
+# Known peaks, one per window: the table divides by the best of them.
+peaks = iter([0.5e9, 1e9, 0.25e9])
+bench.matmul_peak = lambda dtype, size: next(peaks)
 bench.main(sys.argv[1:])
 """
 
 
 def test_cpu_host_devices_share_one_matmul_peak(tmp_path):
   """Split into two CPU devices (amos_jax/hostcpu.py), the step runs on both, but they
-  share the host's cores: the MFU is against one host's peak, not two devices'."""
+  share the host's cores: the MFU is against one host's peak, not two devices'. The
+  peak is measured after each window and the best one divides."""
   import subprocess
   import sys
   out = tmp_path / "bench.json"
   from tests.train_helpers import env_for_host
   r = subprocess.run([sys.executable, "-c", _BENCH_ON_HOST_DEVICES, "--config",
-                      f"{ROOT}/configs/electra.py:tiny", *TINY, "--windows", "1",
+                      f"{ROOT}/configs/electra.py:tiny", *TINY, "--windows", "3",
                       "--window_steps", "1", "--json", str(out)],
                      env=env_for_host("2"), capture_output=True, text=True, timeout=300,
                      cwd=ROOT)
   assert r.returncode == 0, r.stderr[-3000:]
   result = json.loads(out.read_text())
   assert result["devices"] == 2
+  assert result["matmul_peak_windows"] == [0.5e9, 1e9, 0.25e9]
   assert result["matmul_peak_flops"] == 1e9
   assert result["mfu_vs_measured_matmul"] == pytest.approx(
       result["model_flops_per_step"] / result["step_seconds_median"] / 1e9)
