@@ -60,10 +60,11 @@ def test_a_traced_model_build_walks_the_trace_only_without_the_helper(walks):
 
 
 def test_trainer_state_builds_walk_no_origins_and_draw_the_same_values(walks):
-  """abstract_model, the init's eval_shape and its jit go through the helper; the
-  state is the eagerly built one (same keys, same draws; the normal's float
-  transform may round differently compiled), and LLVM level 1 (the trainer's CPU
-  option) gives level 2's values bit for bit."""
+  """abstract_model goes through the helper, and the state's build (a host-side
+  build with deferred draws, model/deferred_init.py) walks no origins either; the
+  jitted initializer draws what it draws eagerly (the normal's float transform may
+  round differently compiled), and LLVM level 1 (the trainer's CPU option) gives
+  level 2's values bit for bit."""
   config = config_lib.freeze(tiny_config("electra"))
   objective = get_objective(config)
   mesh = shd.build_mesh(config.mesh)

@@ -334,7 +334,7 @@ def run(config, args) -> dict:
                                    args.window_steps)
     # The peak is measured after every window, not once: a shared host's speed moves
     # by tens of percent within a minute, and one measurement taken in a slow moment
-    # made the MFU of a 1.5 s step 70% (BENCHMARKS.md). The best of them is the
+    # made the MFU of a 2.1 s step 70% (BENCHMARKS.md). The best of them is the
     # denominator: a dip in one slot cannot inflate the MFU.
     times, peaks = [], []
     for _ in range(args.windows):
