@@ -101,9 +101,8 @@ def plan_params(build: Callable[[nnx.Rngs], nnx.Module], seed: int):
   graphdef, params = nnx.split(model, nnx.Param)
 
   def leaf(x):
-    if id(x) in draws and draws[id(x)][0] is x:
-      return draws[id(x)][1]
-    return np.asarray(x)
+    stand_in, draw = draws.get(id(x), (None, None))
+    return draw if stand_in is x else np.asarray(x)
 
   return graphdef, jax.tree.map(leaf, params)
 
@@ -114,8 +113,7 @@ def stack_draws(leaves: list):
   stacked). The `stack` argument of `layer_groups.group`."""
   first = leaves[0]
   if all(isinstance(d, Draw) and (d.init, d.key_impl, d.shape, d.dtype) ==
-         (first.init, first.key_impl, first.shape, first.dtype) and d.layers is None
-         for d in leaves):
+         (first.init, first.key_impl, first.shape, first.dtype) for d in leaves):
     return dataclasses.replace(first, key_data=np.stack([d.key_data for d in leaves]),
                                layers=len(leaves))
   return list(leaves)

@@ -123,13 +123,6 @@ def run_peak(dtype: str, size: int) -> tuple[float, list[float]]:
   return sum(shares), shares
 
 
-def _peak_windows(peaks) -> str:
-  if len(peaks) < 2:
-    return ""
-  return (f", best of {len(peaks)} beside the windows "
-          f"({_fmt(min(peaks), 'FLOP/s')} .. {_fmt(max(peaks), 'FLOP/s')})")
-
-
 def matmul_peak(dtype: str, size: int, repeats: int = 5) -> float:
   """FLOP/s of a size x size x size matmul on the default backend (best window)."""
   import jax
@@ -518,6 +511,13 @@ def format_table(out: dict) -> str:
 
 def _pct(x) -> str:
   return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _peak_windows(peaks) -> str:
+  if len(peaks) < 2:
+    return ""
+  return (f", best of {len(peaks)} beside the windows "
+          f"({_fmt(min(peaks), 'FLOP/s')} .. {_fmt(max(peaks), 'FLOP/s')})")
 
 
 # One process of a multi-process amos-bench (`hostcpu.run_processes`).
