@@ -56,6 +56,8 @@ setup(
     version="0.1.0",
     description=__doc__,
     packages=find_packages(include=["amos_jax", "amos_jax.*"]),
+    # The BLAS attention products' source, compiled on first use (model/cpu_matmul.py).
+    package_data={"amos_jax.model": ["native/*.cc"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -169,7 +169,7 @@ def test_attention_impl_falls_back_to_xla_where_cudnn_cannot_run():
   from amos_jax.model.attention import resolve_implementation
   assert resolve_implementation("auto", jnp.bfloat16, 64, platform="cpu") == "xla"
   assert resolve_implementation("cudnn", jnp.bfloat16, 64, platform="tpu") == "xla"
-  assert resolve_implementation(None, jnp.float32, 64, platform="cpu") == "xla"
+  assert resolve_implementation("auto", jnp.float32, 64, platform="tpu") == "xla"
   assert resolve_implementation("xla", jnp.bfloat16, 64, platform="gpu") == "xla"
   with pytest.raises(ValueError, match="attention_impl"):
     resolve_implementation("flash", jnp.bfloat16, 64, platform="cpu")

@@ -1,12 +1,19 @@
-"""Multi-head self-attention through `jax.nn.dot_product_attention`.
+"""Multi-head self-attention: XLA's, cuDNN's fused kernel, or BLAS products on the CPU.
 
-The backend is chosen by config (`model.attention_impl`): 'xla' (every backend),
-'cudnn' (cuDNN's fused kernel, NVIDIA GPUs, bfloat16/float16) or 'auto' (cuDNN where
-it applies, else XLA). Where cuDNN cannot run (another backend, float32, a head
-width it lacks) 'cudnn' falls back to XLA with one warning. The packed-document
-mask is passed on every path. Attention-probability dropout has no fused form, so
-when it is active (training with `attention_dropout > 0`) the probabilities are
-computed explicitly.
+The backend is chosen by config (`model.attention_impl`):
+- 'xla': `jax.nn.dot_product_attention`'s XLA form, every backend;
+- 'cudnn': cuDNN's fused kernel (NVIDIA GPUs, bfloat16/float16);
+- 'blas': the two batched products through `cpu_matmul.einsum` (float32 on the CPU,
+  the batch shared among the cores), softmax and masks as XLA's form computes them;
+- 'auto' (the default): cuDNN where it applies, else BLAS where it applies, else XLA.
+Where the chosen one cannot run, it falls back to XLA with one warning. BLAS needs
+the CPU, float32, a C++ compiler for its first build, and a step XLA does not
+partition itself: under a mesh with an automatically sharded axis of more than one
+device it would see a custom call it cannot split (inside `shard_map`, where each
+device computes its own block, it runs). The packed-document mask is passed on every
+path. Attention-probability dropout has no fused form, so when it is active
+(training with `attention_dropout > 0`) the probabilities are computed explicitly
+(`ops.dropout_attention`), with XLA's products or BLAS's.
 """
 from __future__ import annotations
 
@@ -17,7 +24,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from amos_jax.model import ops
+from amos_jax.config import ATTENTION_IMPLS
+from amos_jax.model import cpu_matmul, ops
 from amos_jax.model import rng as rng_lib
 
 log = logging.getLogger("amos_jax")
@@ -41,19 +49,53 @@ def _warn_once(message: str) -> None:
   log.warning(message)
 
 
+def _mesh_platform(mesh) -> str:
+  """The platform the mesh's devices are (a step for a TPU topology compiled on a CPU
+  host is TPU's); the default backend's outside a mesh."""
+  device = None if mesh.empty else mesh.abstract_device
+  return device.platform if device is not None else jax.default_backend()
+
+
+def _blas_unavailable(dtype, platform: str, mesh) -> str:
+  """Why BLAS attention cannot run here ('' when it can)."""
+  if platform != "cpu":
+    return f"BLAS attention runs on the CPU, not {platform}"
+  if jnp.dtype(dtype) != jnp.float32:
+    return f"BLAS attention needs float32, not {jnp.dtype(dtype).name}"
+  split = {a: n for a, n in mesh.shape.items() if n > 1 and a not in mesh.manual_axes}
+  if split:
+    return (f"the mesh shards {split} automatically and XLA cannot split the BLAS "
+            "custom call (sharding.grad_allreduce=once runs it per device)")
+  why = cpu_matmul.unavailable_reason()
+  return f"the BLAS custom call did not build ({why})" if why else ""
+
+
 def resolve_implementation(implementation: str | None, dtype, head_dim: int,
-                           platform: str | None = None) -> str:
-  """'auto' | 'xla' | 'cudnn' (None: 'auto') -> the implementation that will run."""
+                           platform: str | None = None, mesh=None) -> str:
+  """'auto' | 'xla' | 'cudnn' | 'blas' (None: 'auto') -> the implementation that will
+  run. platform and mesh default to the current abstract mesh's (the backend's
+  outside a mesh)."""
   implementation = implementation or "auto"
   if implementation == "xla":
     return "xla"
-  if implementation not in ("auto", "cudnn"):
-    raise ValueError(f"attention_impl={implementation!r}: use auto, xla or cudnn")
-  why = _cudnn_unavailable(dtype, head_dim, platform or jax.default_backend())
+  if implementation not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={implementation!r}: use one of {ATTENTION_IMPLS}")
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  platform = platform or _mesh_platform(mesh)
+  if implementation in ("auto", "cudnn"):
+    why = _cudnn_unavailable(dtype, head_dim, platform)
+    if not why:
+      return "cudnn"
+    if implementation == "cudnn":
+      _warn_once(f"model.attention_impl=cudnn: {why}; using XLA attention")
+      return "xla"
+  why = _blas_unavailable(dtype, platform, mesh)
   if not why:
-    return "cudnn"
-  if implementation == "cudnn":
-    _warn_once(f"model.attention_impl=cudnn: {why}; using XLA attention")
+    return "blas"
+  # 'auto' says nothing where BLAS does not apply by design (another backend, another
+  # dtype, a partitioned mesh), only where it should have run and could not.
+  if implementation == "blas" or why.startswith("the BLAS custom call"):
+    _warn_once(f"model.attention_impl={implementation}: {why}; using XLA attention")
   return "xla"
 
 
@@ -88,15 +130,24 @@ def relative_position_buckets(q_len: int, k_len: int, num_buckets: int,
 def dot_product_attention(q, k, v, mask, bias=None, *, dropout_rate=0.0,
                           dropout_rng=None, implementation=None):
   """q, k, v: (B, T, N, Dh); mask: (B, 1, T, T) bool; bias: (1|B, N, T, T) -> (B, T, N, Dh)."""
+  implementation = resolve_implementation(implementation, q.dtype, q.shape[-1])
+  blas = implementation == "blas"
+  einsum = cpu_matmul.einsum if blas else jnp.einsum
+  scale = 1.0 / math.sqrt(q.shape[-1])
   if dropout_rng is not None and dropout_rate > 0.0:
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum("btnd,bsnd->bnts", q, k).astype(jnp.float32) * scale
+    logits = einsum("btnd,bsnd->bnts", q, k).astype(jnp.float32) * scale
     if bias is not None:
       logits = logits + bias
     keep, keep_scale = rng_lib.dropout_keep(dropout_rng, dropout_rate, logits.shape)
-    return ops.dropout_attention(logits, v, mask, keep, keep_scale)
+    return ops.dropout_attention(logits, v, mask, keep, keep_scale, blas)
+  if blas:
+    # jax.nn.dot_product_attention's XLA form, with the products through BLAS.
+    logits = einsum("btnd,bsnd->bnts", q, k) * scale
+    if bias is not None:
+      logits = logits + bias
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    return einsum("bnts,bsnd->btnd", jax.nn.softmax(logits, axis=-1), v)
   if bias is not None:
     bias = bias.astype(q.dtype)
   return jax.nn.dot_product_attention(
-      q, k, v, bias=bias, mask=mask,
-      implementation=resolve_implementation(implementation, q.dtype, q.shape[-1]))
+      q, k, v, bias=bias, mask=mask, implementation=implementation)

@@ -43,7 +43,7 @@ class EncoderConfig:
   layer_norm_eps: float = 1e-12
   initializer_range: float = 0.02
   dtype: str = "float32"             # compute dtype; parameters stay float32
-  attention_impl: str | None = None  # None (XLA picks) | 'xla' | 'cudnn'
+  attention_impl: str | None = None  # None = 'auto' | 'xla' | 'cudnn' | 'blas'
   relative_attention_buckets: int = 0  # 0: off; else T5 bias (not HF-exportable)
   relative_attention_max_distance: int = 128
   # What each layer keeps for the backward pass: 'none' (everything), 'dots_saveable'

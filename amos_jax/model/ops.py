@@ -23,6 +23,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from amos_jax.model import cpu_matmul
+
 _F32 = jnp.float32
 
 
@@ -182,33 +184,40 @@ def _dropout_bwd(keep_scale, keep, g):
 dropout.defvjp(_dropout_fwd, _dropout_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def dropout_attention(logits: jax.Array, v: jax.Array, mask: jax.Array, keep: jax.Array,
-                      keep_scale: float) -> jax.Array:
+                      keep_scale: float, blas: bool = False) -> jax.Array:
   """softmax(logits masked) -> dropout -> @ V, with one saved (B, N, T, S) array.
 
   logits: (B, N, T, S) float32 (scaled, bias added); v: (B, S, N, Dh);
   mask: bool, broadcastable to logits (False = not attended);
-  keep: bool (B, N, T, S) dropout keep mask; keep_scale: 1 / keep probability.
+  keep: bool (B, N, T, S) dropout keep mask; keep_scale: 1 / keep probability;
+  blas: the products through `cpu_matmul.einsum` (float32 on the CPU).
   Returns (B, T, N, Dh) in v.dtype.
   """
-  return _dropout_attention_fwd(logits, v, mask, keep, keep_scale)[0]
+  return _dropout_attention_fwd(logits, v, mask, keep, keep_scale, blas)[0]
 
 
 def _dropped(probs, keep, keep_scale, dtype):
   return jnp.where(keep, probs * keep_scale, 0.0).astype(dtype)
 
 
-def _dropout_attention_fwd(logits, v, mask, keep, keep_scale):
+def _attention_einsum(blas: bool):
+  return cpu_matmul.einsum if blas else jnp.einsum
+
+
+def _dropout_attention_fwd(logits, v, mask, keep, keep_scale, blas):
   probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(_F32).min), axis=-1)
-  ctx = jnp.einsum("bnts,bsnd->btnd", _dropped(probs, keep, keep_scale, v.dtype), v)
+  ctx = _attention_einsum(blas)(
+      "bnts,bsnd->btnd", _dropped(probs, keep, keep_scale, v.dtype), v)
   return ctx, (probs, v, mask, keep)
 
 
-def _dropout_attention_bwd(keep_scale, res, g):
+def _dropout_attention_bwd(keep_scale, blas, res, g):
   probs, v, mask, keep = res
-  dv = jnp.einsum("bnts,btnd->bsnd", _dropped(probs, keep, keep_scale, v.dtype), g)
-  dprobs = jnp.einsum("btnd,bsnd->bnts", g, v).astype(_F32)
+  einsum = _attention_einsum(blas)
+  dv = einsum("bnts,btnd->bsnd", _dropped(probs, keep, keep_scale, v.dtype), g)
+  dprobs = einsum("btnd,bsnd->bnts", g, v).astype(_F32)
   dprobs = jnp.where(keep, dprobs * keep_scale, 0.0)
   dlogits = probs * (dprobs - jnp.sum(dprobs * probs, axis=-1, keepdims=True))
   # Masked logits were replaced by a constant: no gradient reaches them.

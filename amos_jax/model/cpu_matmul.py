@@ -1,0 +1,244 @@
+"""Attention's batched products on the CPU through BLAS: `einsum(spec, x, y)`.
+
+XLA:CPU computes a batched dot such as (B, N)-batched 128 x 64 x 128 on one core
+(BENCHMARKS.md, seventh stop). `einsum` runs the same product as an XLA FFI custom
+call (`native/batched_matmul.cc`) that shares the batch among the intra-op thread
+pool's threads, each calling a single-threaded `sgemm` on its matrices in place:
+the heads of a (B, T, N, Dh) array are strided matrices, so no transposed copy is
+made either. The `sgemm` is SciPy's (OpenBLAS), found through
+`scipy.linalg.cython_blas` as jaxlib finds its LAPACK.
+
+The library is compiled on first use with the system C++ compiler against jaxlib's
+FFI headers and cached under `cache_root()/native/<hash of source and jaxlib>/`.
+`available()` says whether it loaded, and `unavailable_reason()` why not.
+
+Specs: two shared batch letters, one contraction letter, two free letters, e.g.
+"btnd,bsnd->bnts" (attention logits) or "bnts,bsnd->btnd" (context); any operand
+layout with the row or the column unit-strided (row-major arrays always are).
+Differentiable (custom VJP: each cotangent is itself such a product); float32 only.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amos_jax import paths
+
+log = logging.getLogger("amos_jax")
+
+TARGET = "amos_batched_matmul"
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native",
+                       "batched_matmul.cc")
+_INT_MAX = 2**31 - 1
+# The CPU features OpenBLAS' SkylakeX kernels need.
+_AVX512 = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
+
+
+def _library_path() -> str:
+  with open(_SOURCE, "rb") as f:
+    source = f.read()
+  key = hashlib.sha256(source + jax.ffi.include_dir().encode()
+                       + jax.__version__.encode()).hexdigest()[:16]
+  return os.path.join(paths.cache_root(), "native", key, "libamos_batched_matmul.so")
+
+
+def _compile(target: str) -> None:
+  """Compiles the source into `target`, atomically (concurrent processes may race)."""
+  compiler = os.environ.get("CXX", "c++")
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(target))
+  os.close(fd)
+  cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
+         f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp]
+  try:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+  except FileNotFoundError:
+    os.unlink(tmp)
+    raise RuntimeError(f"no C++ compiler ({compiler}) was found: install g++ "
+                       "or set CXX") from None
+  if done.returncode != 0:
+    os.unlink(tmp)
+    raise RuntimeError(f"{compiler} failed on {_SOURCE}: {done.stderr.strip()[-400:]}")
+  os.replace(tmp, target)
+
+
+def _capsule_pointer(capsule) -> int:
+  name = ctypes.pythonapi.PyCapsule_GetName
+  name.restype, name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+  pointer = ctypes.pythonapi.PyCapsule_GetPointer
+  pointer.restype, pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+  return pointer(capsule, name(capsule))
+
+
+def _cpu_flags() -> set[str]:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
+def _scipy_openblas():
+  """(ctypes library, path) of SciPy's bundled OpenBLAS, or (None, '')."""
+  import scipy
+  for path in sorted(glob.glob(os.path.join(os.path.dirname(scipy.__file__) + ".libs",
+                                            "libscipy_openblas*.so*"))):
+    try:
+      return ctypes.CDLL(path), path
+    except OSError:
+      continue
+  return None, ""
+
+
+def _load_blas():
+  """(sgemm, openblas_set_num_threads_local or None) as addresses.
+
+  OpenBLAS picks its kernels when it loads. Its detection takes some AVX-512 CPUs
+  (AMD family 1Ah among them) for Haswell, whose AVX2 kernels run these products at
+  about 0.6x the SkylakeX ones; where the CPU has the SkylakeX features and the
+  user set no OPENBLAS_CORETYPE, it loads with SkylakeX (restored afterwards).
+  """
+  loaded = "scipy.linalg.cython_blas" in sys.modules
+  force = (not loaded and "OPENBLAS_CORETYPE" not in os.environ
+           and set(_AVX512) <= _cpu_flags())
+  if force:
+    os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
+  try:
+    from scipy.linalg import cython_blas
+  finally:
+    if force:
+      del os.environ["OPENBLAS_CORETYPE"]
+  sgemm = _capsule_pointer(cython_blas.__pyx_capi__["sgemm"])
+  openblas, _ = _scipy_openblas()
+  local = getattr(openblas, "openblas_set_num_threads_local", None) if openblas else None
+  return sgemm, ctypes.cast(local, ctypes.c_void_p).value if local is not None else None
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> str:
+  """Builds, loads and registers the custom call: '' on success, else why not."""
+  try:
+    target = _library_path()
+    if not os.path.exists(target):
+      _compile(target)
+    lib = ctypes.CDLL(target)
+    sgemm, local = _load_blas()
+    lib.amos_set_blas(ctypes.c_void_p(sgemm), ctypes.c_void_p(local))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.AmosBatchedMatmul),
+                                platform="cpu")
+  except Exception as e:  # noqa: BLE001 - any failure means: use XLA's product
+    return f"{type(e).__name__}: {e}"
+  return ""
+
+
+def unavailable_reason() -> str:
+  """'' when the BLAS products can run, else why not (one line)."""
+  return _load()
+
+
+def available() -> bool:
+  return not _load()
+
+
+def blas_core() -> str:
+  """The kernel family OpenBLAS runs ('' when unknown), for benchmark reports."""
+  openblas, _ = _scipy_openblas()
+  corename = getattr(openblas, "scipy_openblas_get_corename", None) if openblas else None
+  if corename is None:
+    return ""
+  corename.restype = ctypes.c_char_p
+  return corename().decode()
+
+
+def _row_major_strides(shape) -> list[int]:
+  strides = [1] * len(shape)
+  for i in range(len(shape) - 2, -1, -1):
+    strides[i] = strides[i + 1] * shape[i + 1]
+  return strides
+
+
+def _parse(spec: str):
+  """spec -> (lhs letters, rhs letters, out letters, batch, contracted, rows, cols)."""
+  inputs, out = spec.replace(" ", "").split("->")
+  lhs, rhs = inputs.split(",")
+  batch = [c for c in out if c in lhs and c in rhs]
+  contracted = [c for c in lhs if c in rhs and c not in out]
+  free = [c for c in out if c not in batch]
+  if (len(batch) != 2 or len(contracted) != 1 or len(free) != 2 or len(out) != 4
+      or sorted(lhs + rhs) != sorted(batch * 2 + contracted * 2 + free)):
+    raise ValueError(f"cpu_matmul.einsum({spec!r}): needs two batch letters, one "
+                     "contracted letter and one free letter per operand")
+  return lhs, rhs, out, batch, contracted[0], free[0], free[1]
+
+
+def _matrix(strides: dict, rows: str, cols: str):
+  """(transposed, leading dimension) of a row-major view rows x cols."""
+  if strides[cols] == 1:
+    return 0, strides[rows]
+  if strides[rows] == 1:
+    return 1, strides[cols]
+  raise ValueError("cpu_matmul: an operand has neither matrix dimension unit-strided")
+
+
+def _product(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
+  lhs, rhs, out, batch, k, m, n = _parse(spec)
+  if m not in lhs:  # the output's rows come from y: C = op(y) op(x) in these terms
+    x, y, lhs, rhs = y, x, rhs, lhs
+  size = {**dict(zip(lhs, x.shape)), **dict(zip(rhs, y.shape))}
+  sx = dict(zip(lhs, _row_major_strides(x.shape)))
+  sy = dict(zip(rhs, _row_major_strides(y.shape)))
+  out_shape = tuple(size[c] for c in out)
+  so = dict(zip(out, _row_major_strides(out_shape)))
+  if so[n] != 1:
+    raise ValueError(f"cpu_matmul.einsum({spec!r}): the output's last letter must be "
+                     "its column")
+  ta, lda = _matrix(sx, m, k)
+  tb, ldb = _matrix(sy, k, n)
+  dims = dict(n0=size[batch[0]], n1=size[batch[1]], m=size[m], n=size[n], k=size[k],
+              ta=ta, a0=sx[batch[0]], a1=sx[batch[1]], lda=lda,
+              tb=tb, b0=sy[batch[0]], b1=sy[batch[1]], ldb=ldb,
+              c0=so[batch[0]], c1=so[batch[1]], ldc=so[m])
+  if max(size[m], size[n], size[k], lda, ldb, so[m]) > _INT_MAX:
+    raise ValueError(f"cpu_matmul.einsum({spec!r}): a dimension exceeds BLAS's int range")
+  return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                          vmap_method="sequential")(
+      x, y, **{key: np.int64(v) for key, v in dims.items()})
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
+  """jnp.einsum(spec, x, y) for float32 x, y on the CPU, through BLAS (see module)."""
+  if x.dtype != jnp.float32 or y.dtype != jnp.float32:
+    raise TypeError(f"cpu_matmul.einsum takes float32, not {x.dtype} and {y.dtype}")
+  if not available():
+    raise RuntimeError(f"cpu_matmul is unavailable: {unavailable_reason()}")
+  return _product(spec, x, y)
+
+
+def _einsum_fwd(spec, x, y):
+  return einsum(spec, x, y), (x, y)
+
+
+def _einsum_bwd(spec, residuals, g):
+  x, y = residuals
+  lhs, rhs, out, *_ = _parse(spec)
+  # d/dx einsum(lhs,rhs->out) = einsum(out,rhs->lhs); d/dy = einsum(lhs,out->rhs).
+  return (_product(f"{out},{rhs}->{lhs}", g, y),
+          _product(f"{lhs},{out}->{rhs}", x, g))
+
+
+einsum.defvjp(_einsum_fwd, _einsum_bwd)
