@@ -287,6 +287,9 @@ def xla_step_flops(config) -> dict[str, float]:
   unrolled.model.scan_layers = False
   # The whole step's FLOPs: a one-all-reduce step is lowered per device (shard_map).
   unrolled.sharding.grad_allreduce = "per_layer"
+  # A custom call (BLAS or cuDNN attention) has no cost analysis: XLA's attention is
+  # the same products.
+  unrolled.model.attention_impl = "xla"
   cost = compile_train_step(config_lib.freeze(unrolled), lower_only=True)
   # None where the backend's lowering has no cost analysis (libtpu compile-only).
   return {"xla_flops_per_step": cost["xla_flops"] or None,
@@ -310,6 +313,7 @@ def run(config, args) -> dict:
   import jax
   from amos_jax import config as config_lib
   from amos_jax import hostcpu
+  from amos_jax.model import cpu_matmul
   from amos_jax.model.partitioning import axis_rules
   from amos_jax.objectives import get_objective
   from amos_jax.train import aot
@@ -336,6 +340,7 @@ def run(config, args) -> dict:
       peaks.append(run_peak(config.model.dtype, args.matmul_size))
   report = aot.analyze(compiled)
   report.update(timings)
+  blas = cpu_matmul.TARGET in compiled.as_text()
   t = config.train
   med = float(np.median(times))
   device = jax.local_devices()[0]  # memory stats exist for addressable devices only
@@ -348,6 +353,8 @@ def run(config, args) -> dict:
   out.update(
       mode="measured", backend=device.platform, device_kind=device.device_kind, devices=n,
       processes=jax.process_count(),
+      attention_products=(f"BLAS ({cpu_matmul.blas_core() or 'unknown'} kernels)"
+                          if blas else "XLA"),
       init_seconds=init_seconds,
       step_seconds_median=med, step_seconds_min=float(min(times)),
       step_seconds_max=float(max(times)),
@@ -472,7 +479,11 @@ def format_table(out: dict) -> str:
         if "init_seconds" in out else []),
       ("model FLOPs / step (analytic)", _fmt(out["model_flops_per_step"], "FLOP")),
       ("XLA FLOPs / step (unrolled HLO)", _fmt(out["xla_flops_per_step"], "FLOP")),
-      ("compiled FLOPs / device" + loop_note,
+      *([("attention products", out["attention_products"])]
+        if "attention_products" in out else []),
+      ("compiled FLOPs / device" + loop_note + (
+          ", BLAS calls not counted" if out.get("attention_products", "XLA") != "XLA"
+          else ""),
        _fmt(out["compiled_xla_flops_per_device"], "FLOP")),
       ("compiled bytes accessed / device" + loop_note,
        _fmt(out["compiled_xla_bytes_accessed_per_device"], "B")),
