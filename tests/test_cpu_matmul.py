@@ -123,3 +123,90 @@ def test_auto_picks_blas_only_where_it_runs():
   assert resolve("auto", jnp.float32, 64, platform="cpu", mesh=manual) == "blas"
   # The platform defaults to the mesh's: a TPU topology's step compiled on a CPU host.
   assert attention._mesh_platform(one) == jax.default_backend()
+
+
+_CORE_CHILD = """
+import os
+from amos_jax.model import cpu_matmul
+assert cpu_matmul.available(), cpu_matmul.unavailable_reason()
+print(cpu_matmul.blas_core(), os.environ.get("OPENBLAS_CORETYPE", "-"))
+"""
+
+
+def test_openblas_kernels_follow_the_cpu_unless_the_user_chose():
+  """OpenBLAS takes some AVX-512 CPUs for Haswell; the library loads it with its
+  SkylakeX kernels there, leaves the environment as it was, and keeps a user's
+  OPENBLAS_CORETYPE."""
+  import os
+  import subprocess
+  import sys
+
+  def core(**env):
+    environ = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    r = subprocess.run([sys.executable, "-c", _CORE_CHILD], env={**environ, **env},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.split()
+
+  assert core(OPENBLAS_CORETYPE="Haswell") == ["Haswell", "Haswell"]
+  chosen, left = core()
+  assert left == "-"
+  if set(cpu_matmul._AVX512) <= cpu_matmul._cpu_flags():
+    assert chosen == "SkylakeX"
+
+
+def _electra_step(impl: str, remat: str):
+  from amos_jax.objectives import get_objective
+  from amos_jax.train import sharding as shd
+  from amos_jax.train.state import create_train_state, make_optimizer
+  from amos_jax.train.step import make_train_step
+  from tests.helpers import random_batch, tiny_config
+  c = tiny_config("electra", num_layers=3, hidden_dropout=0.1, attention_dropout=0.1,
+                  scan_layers=True, attention_impl=impl, remat=remat)
+  c.mesh.update(data=1, fsdp=1, tensor=1)
+  objective = get_objective(c)
+  tx = make_optimizer(c.train)
+  graphdef, state, _ = create_train_state(
+      objective, shd.build_mesh(c.mesh, jax.devices()[:1]), tx)
+  batch = random_batch(jax.random.key(0), 4, 16, 64)
+  step = jax.jit(make_train_step(graphdef, objective, tx))
+  text = step.lower(state, batch).as_text()
+  _, metrics = step(state, batch)
+  return text.count(f"@{cpu_matmul.TARGET}("), metrics
+
+
+@pytest.mark.parametrize("remat", ["dots_saveable", "full"])
+def test_a_train_step_with_blas_attention_is_xla_s(remat):
+  """The ELECTRA step (scanned layers, attention dropout) with BLAS attention gives
+  XLA attention's loss and gradient norm. Under dots_saveable the products are kept
+  for the backward pass like XLA's dots (6 calls per encoder's layer body: 2 forward,
+  4 backward); under full remat the 2 forward ones run again (8)."""
+  calls, blas = _electra_step("blas", remat)
+  none, xla = _electra_step("xla", remat)
+  assert none == 0
+  assert calls == 2 * (6 if remat == "dots_saveable" else 8)
+  for key in ("loss", "grad_norm"):
+    np.testing.assert_allclose(blas[key], xla[key], rtol=1e-5, err_msg=key)
+
+
+_DEVICES_CHILD = """
+import jax, jax.numpy as jnp
+from amos_jax.model import attention
+assert jax.device_count() == 2
+print(attention.resolve_implementation("auto", jnp.float32, 64))
+"""
+
+
+def test_auto_keeps_xla_outside_a_mesh_on_several_devices():
+  """Without a mesh in context a program can still be partitioned, by its arguments'
+  shardings (embedding over a host's CPU devices): 'auto' must not put a custom call
+  XLA cannot split there."""
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", _DEVICES_CHILD], env=env, capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.split()[-1] == "xla"

@@ -23,12 +23,17 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from amos_jax.config import ATTENTION_IMPLS
 from amos_jax.model import cpu_matmul, ops
 from amos_jax.model import rng as rng_lib
 
 log = logging.getLogger("amos_jax")
+
+# The name of BLAS attention's logits and context for remat policies: custom-call
+# outputs, which `dots_saveable` does not see as products and would recompute.
+ATTENTION_PRODUCT = "attention_product"
 
 
 def _cudnn_unavailable(dtype, head_dim: int, platform: str) -> str:
@@ -66,6 +71,10 @@ def _blas_unavailable(dtype, platform: str, mesh) -> str:
   if split:
     return (f"the mesh shards {split} automatically and XLA cannot split the BLAS "
             "custom call (sharding.grad_allreduce=once runs it per device)")
+  if mesh.empty and jax.device_count() > 1:
+    # No mesh in context, yet the program may be partitioned by its arguments'
+    # shardings over the devices (as embedding is over a host's CPU devices).
+    return f"a program outside a mesh may be partitioned over {jax.device_count()} devices"
   why = cpu_matmul.unavailable_reason()
   return f"the BLAS custom call did not build ({why})" if why else ""
 
@@ -132,14 +141,19 @@ def dot_product_attention(q, k, v, mask, bias=None, *, dropout_rate=0.0,
   """q, k, v: (B, T, N, Dh); mask: (B, 1, T, T) bool; bias: (1|B, N, T, T) -> (B, T, N, Dh)."""
   implementation = resolve_implementation(implementation, q.dtype, q.shape[-1])
   blas = implementation == "blas"
-  einsum = cpu_matmul.einsum if blas else jnp.einsum
+  if blas:
+    einsum = lambda spec, x, y: checkpoint_name(cpu_matmul.einsum(spec, x, y),
+                                                ATTENTION_PRODUCT)
+  else:
+    einsum = jnp.einsum
   scale = 1.0 / math.sqrt(q.shape[-1])
   if dropout_rng is not None and dropout_rate > 0.0:
     logits = einsum("btnd,bsnd->bnts", q, k).astype(jnp.float32) * scale
     if bias is not None:
       logits = logits + bias
     keep, keep_scale = rng_lib.dropout_keep(dropout_rng, dropout_rate, logits.shape)
-    return ops.dropout_attention(logits, v, mask, keep, keep_scale, blas)
+    ctx = ops.dropout_attention(logits, v, mask, keep, keep_scale, blas)
+    return checkpoint_name(ctx, ATTENTION_PRODUCT) if blas else ctx
   if blas:
     # jax.nn.dot_product_attention's XLA form, with the products through BLAS.
     logits = einsum("btnd,bsnd->bnts", q, k) * scale

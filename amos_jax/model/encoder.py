@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from amos_jax.model.attention import (dot_product_attention, relative_position_buckets,
+from amos_jax.model.attention import (ATTENTION_PRODUCT, dot_product_attention, relative_position_buckets,
                                       segment_attention_mask)
 from amos_jax.model import ops
 from amos_jax.model import rng as rng_lib
@@ -278,12 +278,13 @@ def _checkpointed(fn, policy: str, *, in_scan: bool):
     raise ValueError(f"remat={policy!r}: use one of {', '.join(REMAT_POLICIES)}")
   saveable = None
   if policy == "dots_saveable":
-    # The dense outputs (products the policy cannot see inside ops.dense), and the
-    # dropout masks (1 byte per element): hashing their bits again costs more than
-    # keeping them.
+    # The dense outputs and BLAS attention's products (products the policy cannot
+    # see inside ops.dense or a custom call), and the dropout masks (1 byte per
+    # element): hashing their bits again costs more than keeping them.
     cp = jax.checkpoint_policies
     saveable = cp.save_from_both_policies(
-        cp.dots_saveable, cp.save_only_these_names(rng_lib.DROPOUT_KEEP, ops.DENSE_OUT))
+        cp.dots_saveable, cp.save_only_these_names(rng_lib.DROPOUT_KEEP, ops.DENSE_OUT,
+                                                   ATTENTION_PRODUCT))
   # Inside scan the loop boundary already stops XLA from merging the recomputation
   # back into the forward pass (jax.checkpoint's documented advice).
   return jax.checkpoint(fn, policy=saveable, prevent_cse=not in_scan)

@@ -482,8 +482,7 @@ def format_table(out: dict) -> str:
       *([("attention products", out["attention_products"])]
         if "attention_products" in out else []),
       ("compiled FLOPs / device" + loop_note + (
-          ", BLAS calls not counted" if out.get("attention_products", "XLA") != "XLA"
-          else ""),
+          " (no BLAS)" if out.get("attention_products", "XLA") != "XLA" else ""),
        _fmt(out["compiled_xla_flops_per_device"], "FLOP")),
       ("compiled bytes accessed / device" + loop_note,
        _fmt(out["compiled_xla_bytes_accessed_per_device"], "B")),
