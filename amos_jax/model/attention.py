@@ -62,7 +62,8 @@ def _mesh_platform(mesh) -> str:
 
 
 def _blas_unavailable(dtype, platform: str, mesh) -> str:
-  """Why BLAS attention cannot run here ('' when it can)."""
+  """Why BLAS attention does not apply here ('' when it does; whether its library
+  builds is asked apart)."""
   if platform != "cpu":
     return f"BLAS attention runs on the CPU, not {platform}"
   if jnp.dtype(dtype) != jnp.float32:
@@ -75,8 +76,7 @@ def _blas_unavailable(dtype, platform: str, mesh) -> str:
     # No mesh in context, yet the program may be partitioned by its arguments'
     # shardings over the devices (as embedding is over a host's CPU devices).
     return f"a program outside a mesh may be partitioned over {jax.device_count()} devices"
-  why = cpu_matmul.unavailable_reason()
-  return f"the BLAS custom call did not build ({why})" if why else ""
+  return ""
 
 
 def resolve_implementation(implementation: str | None, dtype, head_dim: int,
@@ -98,12 +98,15 @@ def resolve_implementation(implementation: str | None, dtype, head_dim: int,
     if implementation == "cudnn":
       _warn_once(f"model.attention_impl=cudnn: {why}; using XLA attention")
       return "xla"
-  why = _blas_unavailable(dtype, platform, mesh)
+  why, failed = _blas_unavailable(dtype, platform, mesh), ""
   if not why:
-    return "blas"
+    failed = cpu_matmul.unavailable_reason()
+    if not failed:
+      return "blas"
+    why = f"the BLAS custom call did not build ({failed})"
   # 'auto' says nothing where BLAS does not apply by design (another backend, another
   # dtype, a partitioned mesh), only where it should have run and could not.
-  if implementation == "blas" or why.startswith("the BLAS custom call"):
+  if implementation == "blas" or failed:
     _warn_once(f"model.attention_impl={implementation}: {why}; using XLA attention")
   return "xla"
 
