@@ -26,6 +26,21 @@ def tiny_config(objective: str = "electra", **model):
   return c
 
 
+def tiny_train_step(objective: str = "electra", **model):
+  """(the jitted train step, its state, a 4 x 16 batch) of tiny_config on one device."""
+  from amos_jax.objectives import get_objective
+  from amos_jax.train import sharding as shd
+  from amos_jax.train.state import create_train_state, make_optimizer
+  from amos_jax.train.step import make_train_step
+  c = tiny_config(objective, **model)
+  c.mesh.update(data=1, fsdp=1, tensor=1)
+  obj = get_objective(c)
+  tx = make_optimizer(c.train)
+  graphdef, state, _ = create_train_state(obj, shd.build_mesh(c.mesh, jax.devices()[:1]), tx)
+  batch = random_batch(jax.random.key(0), 4, 16, 64)
+  return jax.jit(make_train_step(graphdef, obj, tx)), state, batch
+
+
 def random_batch(rng, batch: int, seq_len: int, vocab: int, pad_tail: int = 0):
   """Random non-special tokens; the last `pad_tail` positions of odd rows are padding."""
   ids = jax.random.randint(rng, (batch, seq_len), 5, vocab)

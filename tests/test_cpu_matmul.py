@@ -156,20 +156,10 @@ def test_openblas_kernels_follow_the_cpu_unless_the_user_chose():
 
 
 def _electra_step(impl: str, remat: str):
-  from amos_jax.objectives import get_objective
-  from amos_jax.train import sharding as shd
-  from amos_jax.train.state import create_train_state, make_optimizer
-  from amos_jax.train.step import make_train_step
-  from tests.helpers import random_batch, tiny_config
-  c = tiny_config("electra", num_layers=3, hidden_dropout=0.1, attention_dropout=0.1,
-                  scan_layers=True, attention_impl=impl, remat=remat)
-  c.mesh.update(data=1, fsdp=1, tensor=1)
-  objective = get_objective(c)
-  tx = make_optimizer(c.train)
-  graphdef, state, _ = create_train_state(
-      objective, shd.build_mesh(c.mesh, jax.devices()[:1]), tx)
-  batch = random_batch(jax.random.key(0), 4, 16, 64)
-  step = jax.jit(make_train_step(graphdef, objective, tx))
+  from tests.helpers import tiny_train_step
+  step, state, batch = tiny_train_step(
+      "electra", num_layers=3, hidden_dropout=0.1, attention_dropout=0.1,
+      scan_layers=True, attention_impl=impl, remat=remat)
   text = step.lower(state, batch).as_text()
   _, metrics = step(state, batch)
   return text.count(f"@{cpu_matmul.TARGET}("), metrics

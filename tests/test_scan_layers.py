@@ -14,7 +14,7 @@ from amos_jax.model import rng as rng_lib
 from amos_jax.model.encoder import Encoder, EncoderConfig
 from amos_jax.objectives import get_objective
 from amos_jax.train import bench
-from tests.helpers import random_batch, tiny_config
+from tests.helpers import random_batch, tiny_config, tiny_train_step
 
 CFG = EncoderConfig(vocab_size=50, hidden_size=32, num_layers=3, num_heads=4,
                     intermediate_size=64, embedding_size=16, max_position_embeddings=32,
@@ -177,18 +177,9 @@ def test_attention_impl_falls_back_to_xla_where_cudnn_cannot_run():
 
 def _compiled_step_size(name: str, num_layers: int) -> int:
   """HLO instructions in the compiled train step (the trainer's stacked state)."""
-  from amos_jax.train import sharding as shd
-  from amos_jax.train.state import create_train_state, make_optimizer
-  from amos_jax.train.step import make_train_step
-  c = tiny_config(name, num_layers=num_layers, hidden_dropout=0.1, attention_dropout=0.1,
-                  scan_layers=True)
-  c.mesh.update(data=1, fsdp=1, tensor=1)
-  objective = get_objective(c)
-  tx = make_optimizer(c.train)
-  graphdef, state, _ = create_train_state(
-      objective, shd.build_mesh(c.mesh, jax.devices()[:1]), tx)
-  batch = random_batch(jax.random.key(0), 4, 16, 64)
-  compiled = jax.jit(make_train_step(graphdef, objective, tx)).lower(state, batch).compile()
+  step, state, batch = tiny_train_step(name, num_layers=num_layers, hidden_dropout=0.1,
+                                       attention_dropout=0.1, scan_layers=True)
+  compiled = step.lower(state, batch).compile()
   return sum(" = " in line for line in compiled.as_text().splitlines())
 
 
