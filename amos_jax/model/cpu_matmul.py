@@ -108,9 +108,12 @@ def _load_blas():
   """(sgemm, openblas_set_num_threads_local or None) as addresses.
 
   OpenBLAS picks its kernels when it loads. Its detection takes some AVX-512 CPUs
-  (AMD family 1Ah among them) for Haswell, whose AVX2 kernels run these products at
-  about 0.6x the SkylakeX ones; where the CPU has the SkylakeX features and the
-  user set no OPENBLAS_CORETYPE, it loads with SkylakeX (restored afterwards).
+  (AMD family 1Ah among them) for Haswell, whose AVX2 kernels ran these products at
+  about 0.6x the SkylakeX ones here (one thread, 128 x 64 x 128). Where the CPU has
+  the SkylakeX features, SciPy's BLAS is not loaded yet and the user set no
+  OPENBLAS_CORETYPE, it loads with SkylakeX, and the variable is removed again.
+  (Later Intel cores' single-precision kernels are SkylakeX's.) A user's setting is
+  kept, and so is a BLAS already loaded.
   """
   loaded = "scipy.linalg.cython_blas" in sys.modules
   force = (not loaded and "OPENBLAS_CORETYPE" not in os.environ
