@@ -112,8 +112,7 @@ def _load_blas():
   about 0.6x the SkylakeX ones here (one thread, 128 x 64 x 128). Where the CPU has
   the SkylakeX features, SciPy's BLAS is not loaded yet and the user set no
   OPENBLAS_CORETYPE, it loads with SkylakeX, and the variable is removed again.
-  (Later Intel cores' single-precision kernels are SkylakeX's.) A user's setting is
-  kept, and so is a BLAS already loaded.
+  A user's setting is kept, and so is a BLAS already loaded.
   """
   loaded = "scipy.linalg.cython_blas" in sys.modules
   force = (not loaded and "OPENBLAS_CORETYPE" not in os.environ
