@@ -106,7 +106,8 @@ def _mesh(**axes):
   return AbstractMesh(tuple(axes.values()), names, axis_types=(AxisType.Auto,) * len(names))
 
 
-def test_auto_picks_blas_only_where_it_runs():
+def test_auto_picks_blas_only_where_it_runs(monkeypatch):
+  monkeypatch.setenv("NPROC", "2")
   resolve = attention.resolve_implementation
   one = _mesh(data=1, fsdp=1)
   assert resolve("auto", jnp.float32, 64, platform="cpu", mesh=one) == "blas"
@@ -121,6 +122,11 @@ def test_auto_picks_blas_only_where_it_runs():
   # Inside shard_map (the one-all-reduce step) each device computes its own block.
   manual = AbstractMesh((2,), ("data",), axis_types=(AxisType.Manual,))
   assert resolve("auto", jnp.float32, 64, platform="cpu", mesh=manual) == "blas"
+  # One thread in the process (one process per core): nothing to share the batch
+  # among, and XLA's product is as fast there.
+  monkeypatch.setenv("NPROC", "1")
+  assert resolve("auto", jnp.float32, 64, platform="cpu", mesh=manual) == "xla"
+  assert resolve("auto", jnp.float32, 64, platform="cpu", mesh=one) == "xla"
   # The platform defaults to the mesh's: a TPU topology's step compiled on a CPU host.
   assert attention._mesh_platform(one) == jax.default_backend()
 
@@ -166,11 +172,12 @@ def _electra_step(impl: str, remat: str):
 
 
 @pytest.mark.parametrize("remat", ["dots_saveable", "full"])
-def test_a_train_step_with_blas_attention_is_xla_s(remat):
+def test_a_train_step_with_blas_attention_is_xla_s(remat, monkeypatch):
   """The ELECTRA step (scanned layers, attention dropout) with BLAS attention gives
   XLA attention's loss and gradient norm. Under dots_saveable the products are kept
   for the backward pass like XLA's dots (6 calls per encoder's layer body: 2 forward,
   4 backward); under full remat the 2 forward ones run again (8)."""
+  monkeypatch.setenv("NPROC", "2")  # BLAS applies with a pool of two threads or more
   calls, blas = _electra_step("blas", remat)
   none, xla = _electra_step("xla", remat)
   assert none == 0

@@ -10,7 +10,8 @@ Where the chosen one cannot run, it falls back to XLA with one warning. BLAS nee
 the CPU, float32, a C++ compiler for its first build, and a step XLA does not
 partition itself: under a mesh with an automatically sharded axis of more than one
 device it would see a custom call it cannot split (inside `shard_map`, where each
-device computes its own block, it runs). The packed-document mask is passed on every
+device computes its own block, it runs), and more than one thread in the process
+(its gain is the batch shared among cores). The packed-document mask is passed on every
 path. Attention-probability dropout has no fused form, so when it is active
 (training with `attention_dropout > 0`) the probabilities are computed explicitly
 (`ops.dropout_attention`), with XLA's products or BLAS's.
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from amos_jax import hostcpu
 from amos_jax.config import ATTENTION_IMPLS
 from amos_jax.model import cpu_matmul, ops
 from amos_jax.model import rng as rng_lib
@@ -72,6 +74,10 @@ def _blas_unavailable(dtype, platform: str, mesh) -> str:
   if split:
     return (f"the mesh shards {split} automatically and XLA cannot split the BLAS "
             "custom call (sharding.grad_allreduce=once runs it per device)")
+  if hostcpu.intra_op_threads() < 2:
+    # BLAS gains by sharing the batch among cores; on one core XLA's own product was
+    # as fast or faster (one process per core: BENCHMARKS.md).
+    return "one CPU thread per process"
   if mesh.empty and jax.device_count() > 1:
     # No mesh in context, yet the program may be partitioned by its arguments'
     # shardings over the devices (as embedding is over a host's CPU devices).
