@@ -35,7 +35,8 @@ def test_the_library_builds_and_loads():
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("sizes", [dict(b=3, t=7, s=5, n=2, d=3),
                                    dict(b=2, t=16, s=16, n=1, d=8),
-                                   dict(b=1, t=4, s=9, n=3, d=1)])
+                                   dict(b=1, t=4, s=9, n=3, d=1),
+                                   dict(b=0, t=3, s=2, n=2, d=4)])
 def test_einsum_equals_numpy(spec, sizes):
   x, y = _operands(spec, sizes)
   got = jax.jit(lambda x, y: cpu_matmul.einsum(spec, x, y))(x, y)

@@ -197,6 +197,8 @@ def _matrix(strides: dict, rows: str, cols: str):
 
 
 def _product(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
+  if 0 in x.shape or 0 in y.shape:  # nothing for BLAS to do (zeros, or empty)
+    return jnp.einsum(spec, x, y)
   lhs, rhs, out, batch, k, m, n = _parse(spec)
   if m not in lhs:  # the output's rows come from y: C = op(y) op(x) in these terms
     x, y, lhs, rhs = y, x, rhs, lhs

@@ -89,10 +89,12 @@ ffi::Error BatchedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   auto batch = std::make_shared<Batch>();
   batch->total = total;
   auto work = [batch, item]() {
-    // One BLAS thread per worker: the parallelism is over the batch.
-    if (g_set_local_threads != nullptr) g_set_local_threads(1);
+    // One BLAS thread per worker: the parallelism is over the batch. The thread's
+    // own setting is restored, for whatever else calls BLAS from it.
+    const int previous = g_set_local_threads != nullptr ? g_set_local_threads(1) : 0;
     int64_t mine = 0;
     for (int64_t i; (i = batch->next.fetch_add(1)) < batch->total; ++mine) item(i);
+    if (g_set_local_threads != nullptr) g_set_local_threads(previous);
     if (mine > 0) {
       std::lock_guard<std::mutex> lock(batch->mu);
       batch->done += mine;
