@@ -75,17 +75,6 @@ def host_cores() -> int:
     return os.cpu_count() or 1
 
 
-def intra_op_threads(environ=None) -> int:
-  """The threads of this process's XLA CPU intra-op pool: NPROC where set (as
-  `start_processes` sizes each process's pool to its block of cores), else the cores
-  this process may run on."""
-  environ = os.environ if environ is None else environ
-  try:
-    return max(1, int(environ["NPROC"]))
-  except (KeyError, ValueError):
-    return host_cores()
-
-
 def device_count_was_given(environ=None) -> bool:
   """True where the user sized JAX's CPU client already (XLA_FLAGS or JAX's env)."""
   environ = os.environ if environ is None else environ

@@ -1,7 +1,8 @@
-"""The BLAS attention products (`cpu_matmul.einsum`) and attention_impl='blas'.
+"""The CPU kernel for attention's products (`cpu_matmul.einsum`), attention_impl='gemm'.
 
 The custom call must give NumPy's einsum for every operand layout attention uses (and
-odd sizes, one head, strided heads read in place), the gradients of jnp.einsum, and,
+odd sizes, one head, strided heads read in place) with every kernel the CPU can run,
+the gradients of jnp.einsum, and,
 inside attention, XLA's attention to float32 rounding, with masks, bias and dropout.
 'auto' must pick it on the CPU in float32 and nowhere it cannot run. The library
 must build here: a machine without a C++ compiler fails this file rather than
@@ -43,6 +44,41 @@ def test_einsum_equals_numpy(spec, sizes):
   np.testing.assert_allclose(got, np.einsum(spec, x, y), rtol=1e-5, atol=1e-5)
 
 
+def _cpu_flags() -> set:
+  for line in open("/proc/cpuinfo"):
+    if line.startswith("flags"):
+      return set(line.split(":", 1)[1].split())
+  return set()
+
+
+def test_the_kernel_is_the_best_the_cpu_has():
+  flags = _cpu_flags()
+  want = ("avx512" if "avx512f" in flags else
+          "avx2" if {"avx2", "fma"} <= flags else "generic")
+  assert cpu_matmul.isa() == want
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_every_kernel_the_cpu_runs_equals_numpy(isa):
+  """Each compiled kernel (vector width, rows per block, the column and row tails)
+  on the attention layouts and sizes that are not multiples of its blocks."""
+  best = cpu_matmul.isa()
+  if not cpu_matmul.use_isa(isa):
+    flags = _cpu_flags()
+    assert (isa == "avx512" and "avx512f" not in flags) or (
+        isa == "avx2" and not {"avx2", "fma"} <= flags), f"{isa} refused on {best}"
+    return
+  try:
+    for spec in SPECS:
+      for sizes in (dict(b=2, t=37, s=45, n=3, d=19), dict(b=1, t=128, s=128, n=2, d=64)):
+        x, y = _operands(spec, sizes, seed=4)
+        got = jax.jit(lambda x, y, spec=spec: cpu_matmul.einsum(spec, x, y))(x, y)
+        np.testing.assert_allclose(got, np.einsum(spec, x, y), rtol=1e-4, atol=1e-4,
+                                   err_msg=f"{isa} {spec} {sizes}")
+  finally:
+    assert cpu_matmul.use_isa(best)
+
+
 @pytest.mark.parametrize("spec", SPECS[:3])
 def test_einsum_gradients_equal_jnp_einsum(spec):
   x, y = _operands(spec, dict(b=2, t=6, s=5, n=3, d=4), seed=1)
@@ -72,7 +108,7 @@ def test_einsum_refuses_what_it_cannot_compute():
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_blas_attention_equals_xla_attention(dropout):
+def test_gemm_attention_equals_xla_attention(dropout):
   r = np.random.default_rng(3)
   b, t, n, d = 3, 12, 2, 8
   q, k, v = (jnp.asarray(r.standard_normal((b, t, n, d)), jnp.float32) for _ in range(3))
@@ -92,7 +128,7 @@ def test_blas_attention_equals_xla_attention(dropout):
     return fn(q, k, v, bias), fn.lower(q, k, v, bias).as_text()
 
   ((l_x, ctx_x), g_x), text_x = run("xla")
-  ((l_b, ctx_b), g_b), text_b = run("blas")
+  ((l_b, ctx_b), g_b), text_b = run("gemm")
   assert cpu_matmul.TARGET not in text_x
   # Two forward products and, through their VJPs, four backward ones.
   assert text_b.count(f"@{cpu_matmul.TARGET}(") == 6
@@ -107,59 +143,23 @@ def _mesh(**axes):
   return AbstractMesh(tuple(axes.values()), names, axis_types=(AxisType.Auto,) * len(names))
 
 
-def test_auto_picks_blas_only_where_it_runs(monkeypatch):
-  monkeypatch.setenv("NPROC", "2")
+def test_auto_picks_gemm_only_where_it_runs():
   resolve = attention.resolve_implementation
   one = _mesh(data=1, fsdp=1)
-  assert resolve("auto", jnp.float32, 64, platform="cpu", mesh=one) == "blas"
-  assert resolve(None, jnp.float32, 64, platform="cpu", mesh=one) == "blas"
-  assert resolve("blas", jnp.float32, 64, platform="cpu", mesh=one) == "blas"
+  assert resolve("auto", jnp.float32, 64, platform="cpu", mesh=one) == "gemm"
+  assert resolve(None, jnp.float32, 64, platform="cpu", mesh=one) == "gemm"
+  assert resolve("gemm", jnp.float32, 64, platform="cpu", mesh=one) == "gemm"
   # Another backend, another dtype, or a mesh XLA partitions itself: XLA's products.
   assert resolve("auto", jnp.float32, 64, platform="tpu", mesh=one) == "xla"
   assert resolve("auto", jnp.bfloat16, 64, platform="cpu", mesh=one) == "xla"
   assert resolve("auto", jnp.float32, 64, platform="cpu", mesh=_mesh(data=2)) == "xla"
-  assert resolve("blas", jnp.float32, 64, platform="cpu", mesh=_mesh(data=1, fsdp=2)) == "xla"
+  assert resolve("gemm", jnp.float32, 64, platform="cpu", mesh=_mesh(data=1, fsdp=2)) == "xla"
   assert resolve("xla", jnp.float32, 64, platform="cpu", mesh=one) == "xla"
   # Inside shard_map (the one-all-reduce step) each device computes its own block.
   manual = AbstractMesh((2,), ("data",), axis_types=(AxisType.Manual,))
-  assert resolve("auto", jnp.float32, 64, platform="cpu", mesh=manual) == "blas"
-  # One thread in the process (one process per core): nothing to share the batch
-  # among, and XLA's product is as fast there.
-  monkeypatch.setenv("NPROC", "1")
-  assert resolve("auto", jnp.float32, 64, platform="cpu", mesh=manual) == "xla"
-  assert resolve("auto", jnp.float32, 64, platform="cpu", mesh=one) == "xla"
+  assert resolve("auto", jnp.float32, 64, platform="cpu", mesh=manual) == "gemm"
   # The platform defaults to the mesh's: a TPU topology's step compiled on a CPU host.
   assert attention._mesh_platform(one) == jax.default_backend()
-
-
-_CORE_CHILD = """
-import os
-from amos_jax.model import cpu_matmul
-assert cpu_matmul.available(), cpu_matmul.unavailable_reason()
-print(cpu_matmul.blas_core(), os.environ.get("OPENBLAS_CORETYPE", "-"))
-"""
-
-
-def test_openblas_kernels_follow_the_cpu_unless_the_user_chose():
-  """OpenBLAS takes some AVX-512 CPUs for Haswell; the library loads it with its
-  SkylakeX kernels there, leaves the environment as it was, and keeps a user's
-  OPENBLAS_CORETYPE."""
-  import os
-  import subprocess
-  import sys
-
-  def core(**env):
-    environ = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
-    r = subprocess.run([sys.executable, "-c", _CORE_CHILD], env={**environ, **env},
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return r.stdout.split()
-
-  assert core(OPENBLAS_CORETYPE="Haswell") == ["Haswell", "Haswell"]
-  chosen, left = core()
-  assert left == "-"
-  if set(cpu_matmul._AVX512) <= cpu_matmul._cpu_flags():
-    assert chosen == "SkylakeX"
 
 
 def _electra_step(impl: str, remat: str):
@@ -173,18 +173,17 @@ def _electra_step(impl: str, remat: str):
 
 
 @pytest.mark.parametrize("remat", ["dots_saveable", "full"])
-def test_a_train_step_with_blas_attention_is_xla_s(remat, monkeypatch):
-  """The ELECTRA step (scanned layers, attention dropout) with BLAS attention gives
+def test_a_train_step_with_gemm_attention_is_xla_s(remat):
+  """The ELECTRA step (scanned layers, attention dropout) with gemm attention gives
   XLA attention's loss and gradient norm. Under dots_saveable the products are kept
   for the backward pass like XLA's dots (6 calls per encoder's layer body: 2 forward,
   4 backward); under full remat the 2 forward ones run again (8)."""
-  monkeypatch.setenv("NPROC", "2")  # BLAS applies with a pool of two threads or more
-  calls, blas = _electra_step("blas", remat)
+  calls, gemm = _electra_step("gemm", remat)
   none, xla = _electra_step("xla", remat)
   assert none == 0
   assert calls == 2 * (6 if remat == "dots_saveable" else 8)
   for key in ("loss", "grad_norm"):
-    np.testing.assert_allclose(blas[key], xla[key], rtol=1e-5, err_msg=key)
+    np.testing.assert_allclose(gemm[key], xla[key], rtol=1e-5, err_msg=key)
 
 
 _DEVICES_CHILD = """

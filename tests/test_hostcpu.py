@@ -243,10 +243,3 @@ def test_processes_on_one_host_compile_once_and_share_the_cache(tmp_path):
   alone = _run_shared_compile("", "launcher")
   assert [r["shared"] for r in alone] == [False, False]
   assert [r["compiles"] for r in alone] == [1, 1]
-
-
-def test_intra_op_threads_reads_nproc_else_the_cores():
-  assert hostcpu.intra_op_threads({"NPROC": "3"}) == 3
-  assert hostcpu.intra_op_threads({"NPROC": "0"}) == 1
-  assert hostcpu.intra_op_threads({}) == hostcpu.host_cores()
-  assert hostcpu.intra_op_threads({"NPROC": "x"}) == hostcpu.host_cores()

@@ -1,20 +1,19 @@
-"""Multi-head self-attention: XLA's, cuDNN's fused kernel, or BLAS products on the CPU.
+"""Multi-head self-attention: XLA's, cuDNN's fused kernel, or our CPU kernel's products.
 
 The backend is chosen by config (`model.attention_impl`):
 - 'xla': `jax.nn.dot_product_attention`'s XLA form, every backend;
 - 'cudnn': cuDNN's fused kernel (NVIDIA GPUs, bfloat16/float16);
-- 'blas': the two batched products through `cpu_matmul.einsum` (float32 on the CPU,
+- 'gemm': the two batched products through `cpu_matmul.einsum` (float32 on the CPU,
   the batch shared among the cores), softmax and masks as XLA's form computes them;
-- 'auto' (the default): cuDNN where it applies, else BLAS where it applies, else XLA.
-Where the chosen one cannot run, it falls back to XLA with one warning. BLAS needs
+- 'auto' (the default): cuDNN where it applies, else gemm where it applies, else XLA.
+Where the chosen one cannot run, it falls back to XLA with one warning. gemm needs
 the CPU, float32, a C++ compiler for its first build, and a step XLA does not
 partition itself: under a mesh with an automatically sharded axis of more than one
 device it would see a custom call it cannot split (inside `shard_map`, where each
-device computes its own block, it runs), and more than one thread in the process
-(its gain is the batch shared among cores). The packed-document mask is passed on every
+device computes its own block, it runs). The packed-document mask is passed on every
 path. Attention-probability dropout has no fused form, so when it is active
 (training with `attention_dropout > 0`) the probabilities are computed explicitly
-(`ops.dropout_attention`), with XLA's products or BLAS's.
+(`ops.dropout_attention`), with XLA's products or the kernel's.
 """
 from __future__ import annotations
 
@@ -26,14 +25,13 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from amos_jax import hostcpu
 from amos_jax.config import ATTENTION_IMPLS
 from amos_jax.model import cpu_matmul, ops
 from amos_jax.model import rng as rng_lib
 
 log = logging.getLogger("amos_jax")
 
-# The name of BLAS attention's logits and context for remat policies: custom-call
+# The name of gemm attention's logits and context for remat policies: custom-call
 # outputs, which `dots_saveable` does not see as products and would recompute.
 ATTENTION_PRODUCT = "attention_product"
 
@@ -63,21 +61,17 @@ def _mesh_platform(mesh) -> str:
   return device.platform if device is not None else jax.default_backend()
 
 
-def _blas_unavailable(dtype, platform: str, mesh) -> str:
-  """Why BLAS attention does not apply here ('' when it does; whether its library
+def _gemm_unavailable(dtype, platform: str, mesh) -> str:
+  """Why gemm attention does not apply here ('' when it does; whether its library
   builds is asked apart)."""
   if platform != "cpu":
-    return f"BLAS attention runs on the CPU, not {platform}"
+    return f"gemm attention runs on the CPU, not {platform}"
   if jnp.dtype(dtype) != jnp.float32:
-    return f"BLAS attention needs float32, not {jnp.dtype(dtype).name}"
+    return f"gemm attention needs float32, not {jnp.dtype(dtype).name}"
   split = {a: n for a, n in mesh.shape.items() if n > 1 and a not in mesh.manual_axes}
   if split:
-    return (f"the mesh shards {split} automatically and XLA cannot split the BLAS "
+    return (f"the mesh shards {split} automatically and XLA cannot split the gemm "
             "custom call (sharding.grad_allreduce=once runs it per device)")
-  if hostcpu.intra_op_threads() < 2:
-    # BLAS gains by sharing the batch among cores; on one core XLA's own product was
-    # as fast or faster (one process per core: BENCHMARKS.md).
-    return "one CPU thread per process"
   if mesh.empty and jax.device_count() > 1:
     # No mesh in context, yet the program may be partitioned by its arguments'
     # shardings over the devices (as embedding is over a host's CPU devices).
@@ -87,7 +81,7 @@ def _blas_unavailable(dtype, platform: str, mesh) -> str:
 
 def resolve_implementation(implementation: str | None, dtype, head_dim: int,
                            platform: str | None = None, mesh=None) -> str:
-  """'auto' | 'xla' | 'cudnn' | 'blas' (None: 'auto') -> the implementation that will
+  """'auto' | 'xla' | 'cudnn' | 'gemm' (None: 'auto') -> the implementation that will
   run. platform and mesh default to the current abstract mesh's (the backend's
   outside a mesh)."""
   implementation = implementation or "auto"
@@ -104,15 +98,15 @@ def resolve_implementation(implementation: str | None, dtype, head_dim: int,
     if implementation == "cudnn":
       _warn_once(f"model.attention_impl=cudnn: {why}; using XLA attention")
       return "xla"
-  why, failed = _blas_unavailable(dtype, platform, mesh), ""
+  why, failed = _gemm_unavailable(dtype, platform, mesh), ""
   if not why:
     failed = cpu_matmul.unavailable_reason()
     if not failed:
-      return "blas"
-    why = f"the BLAS custom call did not build ({failed})"
-  # 'auto' says nothing where BLAS does not apply by design (another backend, another
+      return "gemm"
+    why = f"the gemm custom call did not build ({failed})"
+  # 'auto' says nothing where gemm does not apply by design (another backend, another
   # dtype, a partitioned mesh), only where it should have run and could not.
-  if implementation == "blas" or failed:
+  if implementation == "gemm" or failed:
     _warn_once(f"model.attention_impl={implementation}: {why}; using XLA attention")
   return "xla"
 
@@ -149,8 +143,8 @@ def dot_product_attention(q, k, v, mask, bias=None, *, dropout_rate=0.0,
                           dropout_rng=None, implementation=None):
   """q, k, v: (B, T, N, Dh); mask: (B, 1, T, T) bool; bias: (1|B, N, T, T) -> (B, T, N, Dh)."""
   implementation = resolve_implementation(implementation, q.dtype, q.shape[-1])
-  blas = implementation == "blas"
-  if blas:
+  gemm = implementation == "gemm"
+  if gemm:
     einsum = lambda spec, x, y: checkpoint_name(cpu_matmul.einsum(spec, x, y),
                                                 ATTENTION_PRODUCT)
   else:
@@ -161,10 +155,10 @@ def dot_product_attention(q, k, v, mask, bias=None, *, dropout_rate=0.0,
     if bias is not None:
       logits = logits + bias
     keep, keep_scale = rng_lib.dropout_keep(dropout_rng, dropout_rate, logits.shape)
-    ctx = ops.dropout_attention(logits, v, mask, keep, keep_scale, blas)
-    return checkpoint_name(ctx, ATTENTION_PRODUCT) if blas else ctx
-  if blas:
-    # jax.nn.dot_product_attention's XLA form, with the products through BLAS.
+    ctx = ops.dropout_attention(logits, v, mask, keep, keep_scale, gemm)
+    return checkpoint_name(ctx, ATTENTION_PRODUCT) if gemm else ctx
+  if gemm:
+    # jax.nn.dot_product_attention's XLA form, with the products in the kernel.
     logits = einsum("btnd,bsnd->bnts", q, k) * scale
     if bias is not None:
       logits = logits + bias

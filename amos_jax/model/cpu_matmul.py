@@ -1,12 +1,12 @@
-"""Attention's batched products on the CPU through BLAS: `einsum(spec, x, y)`.
+"""Attention's batched products on the CPU in a kernel of our own: `einsum(spec, x, y)`.
 
 XLA:CPU computes a batched dot such as (B, N)-batched 128 x 64 x 128 on one core
 (BENCHMARKS.md, seventh stop). `einsum` runs the same product as an XLA FFI custom
 call (`native/batched_matmul.cc`) that shares the batch among the intra-op thread
-pool's threads, each calling a single-threaded `sgemm` on its matrices in place:
-the heads of a (B, T, N, Dh) array are strided matrices, so no transposed copy is
-made either. The `sgemm` is SciPy's (OpenBLAS), found through
-`scipy.linalg.cython_blas` as jaxlib finds its LAPACK.
+pool's threads. Each thread packs its matrix pair and runs a register-blocked
+kernel compiled for AVX-512, AVX2 + FMA or the baseline ISA (the best the CPU has:
+`isa()`). The heads of a (B, T, N, Dh) array are strided matrices, so no transposed
+copy of a whole operand is made either.
 
 The library is compiled on first use with the system C++ compiler against jaxlib's
 FFI headers and cached under `cache_root()/native/<hash of source and jaxlib>/`.
@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import glob
 import hashlib
 import logging
 import os
 import subprocess
-import sys
 import tempfile
 
 import jax
@@ -40,9 +38,6 @@ log = logging.getLogger("amos_jax")
 TARGET = "amos_batched_matmul"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native",
                        "batched_matmul.cc")
-_INT_MAX = 2**31 - 1
-# The CPU features OpenBLAS' SkylakeX kernels need.
-_AVX512 = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
 
 
 def _library_path() -> str:
@@ -59,7 +54,7 @@ def _compile(target: str) -> None:
   os.makedirs(os.path.dirname(target), exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(target))
   os.close(fd)
-  cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
+  cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-w",
          f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp]
   try:
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -73,82 +68,30 @@ def _compile(target: str) -> None:
   os.replace(tmp, target)
 
 
-def _capsule_pointer(capsule) -> int:
-  name = ctypes.pythonapi.PyCapsule_GetName
-  name.restype, name.argtypes = ctypes.c_char_p, [ctypes.py_object]
-  pointer = ctypes.pythonapi.PyCapsule_GetPointer
-  pointer.restype, pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-  return pointer(capsule, name(capsule))
-
-
-def _cpu_flags() -> set[str]:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("flags"):
-          return set(line.split(":", 1)[1].split())
-  except OSError:
-    pass
-  return set()
-
-
-def _scipy_openblas():
-  """(ctypes library, path) of SciPy's bundled OpenBLAS, or (None, '')."""
-  import scipy
-  for path in sorted(glob.glob(os.path.join(os.path.dirname(scipy.__file__) + ".libs",
-                                            "libscipy_openblas*.so*"))):
-    try:
-      return ctypes.CDLL(path), path
-    except OSError:
-      continue
-  return None, ""
-
-
-def _load_blas():
-  """(sgemm, openblas_set_num_threads_local or None) as addresses.
-
-  OpenBLAS picks its kernels when it loads. Its detection takes some AVX-512 CPUs
-  (AMD family 1Ah among them) for Haswell, whose AVX2 kernels ran these products at
-  about 0.6x the SkylakeX ones here (one thread, 128 x 64 x 128). Where the CPU has
-  the SkylakeX features, SciPy's BLAS is not loaded yet and the user set no
-  OPENBLAS_CORETYPE, it loads with SkylakeX, and the variable is removed again.
-  A user's setting is kept, and so is a BLAS already loaded.
-  """
-  loaded = "scipy.linalg.cython_blas" in sys.modules
-  force = (not loaded and "OPENBLAS_CORETYPE" not in os.environ
-           and set(_AVX512) <= _cpu_flags())
-  if force:
-    os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
-  try:
-    from scipy.linalg import cython_blas
-  finally:
-    if force:
-      del os.environ["OPENBLAS_CORETYPE"]
-  sgemm = _capsule_pointer(cython_blas.__pyx_capi__["sgemm"])
-  openblas, _ = _scipy_openblas()
-  local = getattr(openblas, "openblas_set_num_threads_local", None) if openblas else None
-  return sgemm, ctypes.cast(local, ctypes.c_void_p).value if local is not None else None
+_LIB = None
 
 
 @functools.lru_cache(maxsize=None)
 def _load() -> str:
   """Builds, loads and registers the custom call: '' on success, else why not."""
+  global _LIB
   try:
     target = _library_path()
     if not os.path.exists(target):
       _compile(target)
     lib = ctypes.CDLL(target)
-    sgemm, local = _load_blas()
-    lib.amos_set_blas(ctypes.c_void_p(sgemm), ctypes.c_void_p(local))
+    lib.amos_batched_matmul_isa.restype = ctypes.c_char_p
+    lib.amos_batched_matmul_use_isa.argtypes = [ctypes.c_char_p]
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.AmosBatchedMatmul),
                                 platform="cpu")
   except Exception as e:  # noqa: BLE001 - any failure means: use XLA's product
     return f"{type(e).__name__}: {e}"
+  _LIB = lib
   return ""
 
 
 def unavailable_reason() -> str:
-  """'' when the BLAS products can run, else why not (one line)."""
+  """'' when the kernel can run, else why not (one line)."""
   return _load()
 
 
@@ -156,14 +99,15 @@ def available() -> bool:
   return not _load()
 
 
-def blas_core() -> str:
-  """The kernel family OpenBLAS runs ('' when unknown), for benchmark reports."""
-  openblas, _ = _scipy_openblas()
-  corename = getattr(openblas, "scipy_openblas_get_corename", None) if openblas else None
-  if corename is None:
-    return ""
-  corename.restype = ctypes.c_char_p
-  return corename().decode()
+def isa() -> str:
+  """The kernel this CPU runs: 'avx512', 'avx2' or 'generic' ('' if unavailable)."""
+  return _LIB.amos_batched_matmul_isa().decode() if available() else ""
+
+
+def use_isa(name: str) -> bool:
+  """Runs the named compiled kernel from now on (tests compare them); False where it
+  is not compiled in or the CPU lacks it."""
+  return available() and bool(_LIB.amos_batched_matmul_use_isa(name.encode()))
 
 
 def _row_major_strides(shape) -> list[int]:
@@ -197,7 +141,7 @@ def _matrix(strides: dict, rows: str, cols: str):
 
 
 def _product(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
-  if 0 in x.shape or 0 in y.shape:  # nothing for BLAS to do (zeros, or empty)
+  if 0 in x.shape or 0 in y.shape:  # nothing for the kernel to do (zeros, or empty)
     return jnp.einsum(spec, x, y)
   lhs, rhs, out, batch, k, m, n = _parse(spec)
   if m not in lhs:  # the output's rows come from y: C = op(y) op(x) in these terms
@@ -216,8 +160,6 @@ def _product(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
               ta=ta, a0=sx[batch[0]], a1=sx[batch[1]], lda=lda,
               tb=tb, b0=sy[batch[0]], b1=sy[batch[1]], ldb=ldb,
               c0=so[batch[0]], c1=so[batch[1]], ldc=so[m])
-  if max(size[m], size[n], size[k], lda, ldb, so[m]) > _INT_MAX:
-    raise ValueError(f"cpu_matmul.einsum({spec!r}): a dimension exceeds BLAS's int range")
   return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(out_shape, jnp.float32),
                           vmap_method="sequential")(
       x, y, **{key: np.int64(v) for key, v in dims.items()})
@@ -225,7 +167,7 @@ def _product(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def einsum(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
-  """jnp.einsum(spec, x, y) for float32 x, y on the CPU, through BLAS (see module)."""
+  """jnp.einsum(spec, x, y) for float32 x, y on the CPU, in the kernel (see module)."""
   if x.dtype != jnp.float32 or y.dtype != jnp.float32:
     raise TypeError(f"cpu_matmul.einsum takes float32, not {x.dtype} and {y.dtype}")
   if not available():

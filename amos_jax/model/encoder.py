@@ -43,7 +43,7 @@ class EncoderConfig:
   layer_norm_eps: float = 1e-12
   initializer_range: float = 0.02
   dtype: str = "float32"             # compute dtype; parameters stay float32
-  attention_impl: str | None = None  # None = 'auto' | 'xla' | 'cudnn' | 'blas'
+  attention_impl: str | None = None  # None = 'auto' | 'xla' | 'cudnn' | 'gemm'
   relative_attention_buckets: int = 0  # 0: off; else T5 bias (not HF-exportable)
   relative_attention_max_distance: int = 128
   # What each layer keeps for the backward pass: 'none' (everything), 'dots_saveable'
@@ -278,7 +278,7 @@ def _checkpointed(fn, policy: str, *, in_scan: bool):
     raise ValueError(f"remat={policy!r}: use one of {', '.join(REMAT_POLICIES)}")
   saveable = None
   if policy == "dots_saveable":
-    # The dense outputs and BLAS attention's products (products the policy cannot
+    # The dense outputs and gemm attention's products (products the policy cannot
     # see inside ops.dense or a custom call), and the dropout masks (1 byte per
     # element): hashing their bits again costs more than keeping them.
     cp = jax.checkpoint_policies

@@ -186,36 +186,36 @@ dropout.defvjp(_dropout_fwd, _dropout_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def dropout_attention(logits: jax.Array, v: jax.Array, mask: jax.Array, keep: jax.Array,
-                      keep_scale: float, blas: bool = False) -> jax.Array:
+                      keep_scale: float, gemm: bool = False) -> jax.Array:
   """softmax(logits masked) -> dropout -> @ V, with one saved (B, N, T, S) array.
 
   logits: (B, N, T, S) float32 (scaled, bias added); v: (B, S, N, Dh);
   mask: bool, broadcastable to logits (False = not attended);
   keep: bool (B, N, T, S) dropout keep mask; keep_scale: 1 / keep probability;
-  blas: the products through `cpu_matmul.einsum` (float32 on the CPU).
+  gemm: the products through `cpu_matmul.einsum` (float32 on the CPU).
   Returns (B, T, N, Dh) in v.dtype.
   """
-  return _dropout_attention_fwd(logits, v, mask, keep, keep_scale, blas)[0]
+  return _dropout_attention_fwd(logits, v, mask, keep, keep_scale, gemm)[0]
 
 
 def _dropped(probs, keep, keep_scale, dtype):
   return jnp.where(keep, probs * keep_scale, 0.0).astype(dtype)
 
 
-def _attention_einsum(blas: bool):
-  return cpu_matmul.einsum if blas else jnp.einsum
+def _attention_einsum(gemm: bool):
+  return cpu_matmul.einsum if gemm else jnp.einsum
 
 
-def _dropout_attention_fwd(logits, v, mask, keep, keep_scale, blas):
+def _dropout_attention_fwd(logits, v, mask, keep, keep_scale, gemm):
   probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(_F32).min), axis=-1)
-  ctx = _attention_einsum(blas)(
+  ctx = _attention_einsum(gemm)(
       "bnts,bsnd->btnd", _dropped(probs, keep, keep_scale, v.dtype), v)
   return ctx, (probs, v, mask, keep)
 
 
-def _dropout_attention_bwd(keep_scale, blas, res, g):
+def _dropout_attention_bwd(keep_scale, gemm, res, g):
   probs, v, mask, keep = res
-  einsum = _attention_einsum(blas)
+  einsum = _attention_einsum(gemm)
   dv = einsum("bnts,btnd->bsnd", _dropped(probs, keep, keep_scale, v.dtype), g)
   dprobs = einsum("btnd,bsnd->bnts", g, v).astype(_F32)
   dprobs = jnp.where(keep, dprobs * keep_scale, 0.0)

@@ -287,7 +287,7 @@ def xla_step_flops(config) -> dict[str, float]:
   unrolled.model.scan_layers = False
   # The whole step's FLOPs: a one-all-reduce step is lowered per device (shard_map).
   unrolled.sharding.grad_allreduce = "per_layer"
-  # A custom call (BLAS or cuDNN attention) has no cost analysis: XLA's attention is
+  # A custom call (gemm or cuDNN attention) has no cost analysis: XLA's attention is
   # the same products.
   unrolled.model.attention_impl = "xla"
   cost = compile_train_step(config_lib.freeze(unrolled), lower_only=True)
@@ -340,7 +340,7 @@ def run(config, args) -> dict:
       peaks.append(run_peak(config.model.dtype, args.matmul_size))
   report = aot.analyze(compiled)
   report.update(timings)
-  blas = cpu_matmul.TARGET in compiled.as_text()
+  gemm = cpu_matmul.TARGET in compiled.as_text()
   t = config.train
   med = float(np.median(times))
   device = jax.local_devices()[0]  # memory stats exist for addressable devices only
@@ -353,8 +353,7 @@ def run(config, args) -> dict:
   out.update(
       mode="measured", backend=device.platform, device_kind=device.device_kind, devices=n,
       processes=jax.process_count(),
-      attention_products=(f"BLAS ({cpu_matmul.blas_core() or 'unknown'} kernels)"
-                          if blas else "XLA"),
+      attention_products=f"gemm ({cpu_matmul.isa()})" if gemm else "XLA",
       init_seconds=init_seconds,
       step_seconds_median=med, step_seconds_min=float(min(times)),
       step_seconds_max=float(max(times)),
@@ -482,7 +481,7 @@ def format_table(out: dict) -> str:
       *([("attention products", out["attention_products"])]
         if "attention_products" in out else []),
       ("compiled FLOPs / device" + loop_note + (
-          " (no BLAS)" if out.get("attention_products", "XLA") != "XLA" else ""),
+          " (no gemm)" if out.get("attention_products", "XLA") != "XLA" else ""),
        _fmt(out["compiled_xla_flops_per_device"], "FLOP")),
       ("compiled bytes accessed / device" + loop_note,
        _fmt(out["compiled_xla_bytes_accessed_per_device"], "B")),

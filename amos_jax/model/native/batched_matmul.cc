@@ -1,5 +1,5 @@
 // Strided, doubly batched single-precision matrix products for XLA:CPU (an FFI
-// custom call), computed by the BLAS that SciPy ships.
+// custom call).
 //
 // For every batch index (i0, i1) < (n0, n1):
 //   C[i0, i1] = op(A[i0, i1]) @ op(B[i0, i1])      (m x k) @ (k x n) -> (m x n)
@@ -8,30 +8,116 @@
 // the heads of a (B, T, N, Dh) array in place this way: no transposed copies.
 //
 // XLA:CPU runs a batched dot on one core; here the batch is shared among the
-// caller and the intra-op thread pool's threads, each calling a single-threaded sgemm.
+// caller and the intra-op thread pool's threads. Each matrix pair is packed
+// row-major (op(A): m x k, op(B): k x n) into the thread's scratch, and a
+// register-blocked kernel computes R rows x 2 vectors of C at a time, keeping the
+// R x 2 accumulators in registers over the whole k loop: at attention's sizes
+// (k = 64..128) a matrix fits in L1/L2 and no cache blocking is needed. The kernel
+// is compiled for AVX-512, AVX2 + FMA and the baseline ISA, and the best one the CPU
+// has runs (`amos_batched_matmul_isa`).
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
-#include <string>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
+// The kernel, for a vector of W floats and R rows per block. Included once per ISA.
+#define AMOS_GEMM_KERNEL(W_, R_)                                                        \
+  constexpr int W = W_;                                                                 \
+  constexpr int R = R_;                                                                 \
+  typedef float V __attribute__((vector_size(W * 4)));                                  \
+                                                                                        \
+  /* C[i0:i0+rows, j:j+vecs*W] of A (m x k, ld k) @ B (k x n, ld n); C row stride ldc. */ \
+  template <int ROWS, int VECS>                                                         \
+  inline void Block(const float* a, const float* b, float* c, int64_t i0, int64_t j,   \
+                    int64_t n, int64_t k, int64_t ldc) {                                \
+    V acc[ROWS][VECS];                                                                  \
+    for (int r = 0; r < ROWS; ++r)                                                      \
+      for (int v = 0; v < VECS; ++v) acc[r][v] = V{};                                   \
+    for (int64_t p = 0; p < k; ++p) {                                                   \
+      V bv[VECS];                                                                       \
+      for (int v = 0; v < VECS; ++v) std::memcpy(&bv[v], b + p * n + j + v * W, sizeof(V)); \
+      for (int r = 0; r < ROWS; ++r) {                                                  \
+        const V av = V{} + a[(i0 + r) * k + p];                                         \
+        for (int v = 0; v < VECS; ++v) acc[r][v] += av * bv[v];                         \
+      }                                                                                 \
+    }                                                                                   \
+    for (int r = 0; r < ROWS; ++r)                                                      \
+      for (int v = 0; v < VECS; ++v)                                                    \
+        std::memcpy(c + (i0 + r) * ldc + j + v * W, &acc[r][v], sizeof(V));             \
+  }                                                                                     \
+                                                                                        \
+  template <int VECS>                                                                   \
+  inline void Columns(const float* a, const float* b, float* c, int64_t j, int64_t m,  \
+                      int64_t n, int64_t k, int64_t ldc) {                              \
+    int64_t i = 0;                                                                      \
+    for (; i + R <= m; i += R) Block<R, VECS>(a, b, c, i, j, n, k, ldc);                \
+    for (; i < m; ++i) Block<1, VECS>(a, b, c, i, j, n, k, ldc);                        \
+  }                                                                                     \
+                                                                                        \
+  void Gemm(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k, \
+            int64_t ldc) {                                                              \
+    int64_t j = 0;                                                                      \
+    for (; j + 2 * W <= n; j += 2 * W) Columns<2>(a, b, c, j, m, n, k, ldc);            \
+    for (; j + W <= n; j += W) Columns<1>(a, b, c, j, m, n, k, ldc);                    \
+    for (; j < n; ++j)                                                                  \
+      for (int64_t i = 0; i < m; ++i) {                                                 \
+        float s = 0.0f;                                                                 \
+        for (int64_t p = 0; p < k; ++p) s += a[i * k + p] * b[p * n + j];               \
+        c[i * ldc + j] = s;                                                             \
+      }                                                                                 \
+  }
+
 namespace {
 
-// Fortran BLAS sgemm (column-major).
-using Sgemm = void (*)(const char*, const char*, const int*, const int*, const int*,
-                       const float*, const float*, const int*, const float*, const int*,
-                       const float*, float*, const int*);
-// OpenBLAS' openblas_set_num_threads_local: the calling thread's BLAS threads.
-using SetLocalThreads = int (*)(int);
+using GemmFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t,
+                        int64_t);
 
-Sgemm g_sgemm = nullptr;
-SetLocalThreads g_set_local_threads = nullptr;
+namespace generic {
+AMOS_GEMM_KERNEL(4, 4)
+}  // namespace generic
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+// 16 ymm registers: 6 x 2 accumulators, 2 for B, 1 for the broadcast A.
+AMOS_GEMM_KERNEL(8, 6)
+}  // namespace avx2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace avx512 {
+// 32 zmm registers: 8 x 2 accumulators.
+AMOS_GEMM_KERNEL(16, 8)
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
+struct Isa {
+  const char* name;
+  GemmFn gemm;
+};
+
+Isa BestIsa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return {"avx512", avx512::Gemm};
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return {"avx2", avx2::Gemm};
+  }
+#endif
+  return {"generic", generic::Gemm};
+}
+
+Isa g_isa = BestIsa();
 
 struct Operand {
   int64_t s0, s1, ld, t;
@@ -42,6 +128,16 @@ int64_t Extent(const Operand& x, int64_t n0, int64_t n1, int64_t rows, int64_t c
   // Stored shape: (rows x cols), or (cols x rows) when transposed.
   int64_t r = x.t ? cols : rows, c = x.t ? rows : cols;
   return (n0 - 1) * x.s0 + (n1 - 1) * x.s1 + (r - 1) * x.ld + c;
+}
+
+// op(X) (rows x cols) into row-major `out`.
+void Pack(const float* x, const Operand& op, int64_t rows, int64_t cols, float* out) {
+  if (!op.t) {
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * cols, x + r * op.ld, cols * 4);
+  } else {  // stored cols x rows
+    for (int64_t c = 0; c < cols; ++c)
+      for (int64_t r = 0; r < rows; ++r) out[r * cols + c] = x[c * op.ld + r];
+  }
 }
 
 // Items claimed from a shared counter; the caller waits only for claimed items, so
@@ -60,9 +156,6 @@ ffi::Error BatchedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
                          int64_t ta, int64_t a0, int64_t a1, int64_t lda,
                          int64_t tb, int64_t b0, int64_t b1, int64_t ldb,
                          int64_t c0, int64_t c1, int64_t ldc) {
-  if (g_sgemm == nullptr) {
-    return ffi::Error::Internal("amos_batched_matmul: no BLAS sgemm was set");
-  }
   const Operand A{a0, a1, lda, ta}, B{b0, b1, ldb, tb}, C{c0, c1, ldc, 0};
   if (n0 < 1 || n1 < 1 || m < 1 || n < 1 || k < 1 ||
       Extent(A, n0, n1, m, k) > static_cast<int64_t>(a.element_count()) ||
@@ -74,27 +167,24 @@ ffi::Error BatchedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   const float* pa = a.typed_data();
   const float* pb = b.typed_data();
   float* pc = c->typed_data();
-  // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: pass B first.
-  auto item = [=](int64_t i) {
+  const GemmFn gemm = g_isa.gemm;
+  auto item = [=](int64_t i, std::vector<float>& scratch) {
     const int64_t i0 = i / n1, i1 = i % n1;
-    const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
-    const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-    const int LB = static_cast<int>(ldb), LA = static_cast<int>(lda), LC = static_cast<int>(ldc);
-    const float one = 1.0f, zero = 0.0f;
-    g_sgemm(&trb, &tra, &M, &N, &K, &one, pb + i0 * b0 + i1 * b1, &LB,
-            pa + i0 * a0 + i1 * a1, &LA, &zero, pc + i0 * c0 + i1 * c1, &LC);
+    scratch.resize(m * k + k * n);
+    float* ap = scratch.data();
+    float* bp = ap + m * k;
+    Pack(pa + i0 * a0 + i1 * a1, A, m, k, ap);
+    Pack(pb + i0 * b0 + i1 * b1, B, k, n, bp);
+    gemm(ap, bp, pc + i0 * c0 + i1 * c1, m, n, k, ldc);
   };
   const int64_t total = n0 * n1;
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
   auto batch = std::make_shared<Batch>();
   batch->total = total;
   auto work = [batch, item]() {
-    // One BLAS thread per worker: the parallelism is over the batch. The thread's
-    // own setting is restored, for whatever else calls BLAS from it.
-    const int previous = g_set_local_threads != nullptr ? g_set_local_threads(1) : 0;
+    thread_local std::vector<float> scratch;
     int64_t mine = 0;
-    for (int64_t i; (i = batch->next.fetch_add(1)) < batch->total; ++mine) item(i);
-    if (g_set_local_threads != nullptr) g_set_local_threads(previous);
+    for (int64_t i; (i = batch->next.fetch_add(1)) < batch->total; ++mine) item(i, scratch);
     if (mine > 0) {
       std::lock_guard<std::mutex> lock(batch->mu);
       batch->done += mine;
@@ -110,9 +200,28 @@ ffi::Error BatchedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
 
 }  // namespace
 
-extern "C" void amos_set_blas(void* sgemm, void* set_local_threads) {
-  g_sgemm = reinterpret_cast<Sgemm>(sgemm);
-  g_set_local_threads = reinterpret_cast<SetLocalThreads>(set_local_threads);
+// The kernel this CPU runs: "avx512", "avx2" or "generic".
+extern "C" const char* amos_batched_matmul_isa() { return g_isa.name; }
+
+// Runs another compiled kernel (tests: every ISA the CPU has gives the same
+// products). Returns 0 when `name` is not compiled in or the CPU lacks it.
+extern "C" int amos_batched_matmul_use_isa(const char* name) {
+  const Isa best = BestIsa();
+  const Isa candidates[] = {
+#if defined(__x86_64__) && defined(__GNUC__)
+      {"avx512", avx512::Gemm},
+      {"avx2", avx2::Gemm},
+#endif
+      {"generic", generic::Gemm}};
+  bool reachable = false;  // candidates are ordered best first
+  for (const Isa& isa : candidates) {
+    reachable = reachable || std::strcmp(isa.name, best.name) == 0;
+    if (reachable && std::strcmp(isa.name, name) == 0) {
+      g_isa = isa;
+      return 1;
+    }
+  }
+  return 0;
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AmosBatchedMatmul, BatchedMatmul,
