@@ -8,11 +8,12 @@
 // the heads of a (B, T, N, Dh) array in place this way: no transposed copies.
 //
 // XLA:CPU runs a batched dot on one core; here the batch is shared among the
-// caller and the intra-op thread pool's threads. Each matrix pair is packed
-// row-major (op(A): m x k, op(B): k x n) into the thread's scratch, and a
-// register-blocked kernel computes R rows x 2 vectors of C at a time, keeping the
-// R x 2 accumulators in registers over the whole k loop: at attention's sizes
-// (k = 64..128) a matrix fits in L1/L2 and no cache blocking is needed. The kernel
+// caller and the intra-op thread pool's threads. A register-blocked kernel computes
+// R rows x 2 vectors of C at a time from broadcast elements of op(A), read in place
+// whatever its layout, and vector rows of op(B), copied row-major into the thread's
+// scratch first where B is stored transposed. It keeps the R x 2 accumulators in
+// registers over the whole k loop: at attention's sizes (k = 64..128) a matrix fits
+// in L1/L2 and no cache blocking is needed. The kernel
 // is compiled for AVX-512, AVX2 + FMA and the baseline ISA, and the best one the CPU
 // has runs (`amos_batched_matmul_isa`).
 #include <algorithm>
@@ -34,18 +35,20 @@ namespace ffi = xla::ffi;
   constexpr int R = R_;                                                                 \
   typedef float V __attribute__((vector_size(W * 4)));                                  \
                                                                                         \
-  /* C[i0:i0+rows, j:j+vecs*W] of A (m x k, ld k) @ B (k x n, ld n); C row stride ldc. */ \
+  /* C[i0:i0+rows, j:j+vecs*W] of A (element (i, p) at a[i * ars + p * acs]) @ B      \
+     (k x n, row stride ldb, unit columns); C row stride ldc. */                        \
   template <int ROWS, int VECS>                                                         \
-  inline void Block(const float* a, const float* b, float* c, int64_t i0, int64_t j,   \
-                    int64_t n, int64_t k, int64_t ldc) {                                \
+  inline void Block(const float* a, int64_t ars, int64_t acs, const float* b,          \
+                    int64_t ldb, float* c, int64_t ldc, int64_t i0, int64_t j,         \
+                    int64_t k) {                                                        \
     V acc[ROWS][VECS];                                                                  \
     for (int r = 0; r < ROWS; ++r)                                                      \
       for (int v = 0; v < VECS; ++v) acc[r][v] = V{};                                   \
     for (int64_t p = 0; p < k; ++p) {                                                   \
       V bv[VECS];                                                                       \
-      for (int v = 0; v < VECS; ++v) std::memcpy(&bv[v], b + p * n + j + v * W, sizeof(V)); \
+      for (int v = 0; v < VECS; ++v) std::memcpy(&bv[v], b + p * ldb + j + v * W, sizeof(V)); \
       for (int r = 0; r < ROWS; ++r) {                                                  \
-        const V av = V{} + a[(i0 + r) * k + p];                                         \
+        const V av = V{} + a[(i0 + r) * ars + p * acs];                                 \
         for (int v = 0; v < VECS; ++v) acc[r][v] += av * bv[v];                         \
       }                                                                                 \
     }                                                                                   \
@@ -55,30 +58,31 @@ namespace ffi = xla::ffi;
   }                                                                                     \
                                                                                         \
   template <int VECS>                                                                   \
-  inline void Columns(const float* a, const float* b, float* c, int64_t j, int64_t m,  \
-                      int64_t n, int64_t k, int64_t ldc) {                              \
+  inline void Columns(const float* a, int64_t ars, int64_t acs, const float* b,        \
+                      int64_t ldb, float* c, int64_t ldc, int64_t j, int64_t m,         \
+                      int64_t k) {                                                      \
     int64_t i = 0;                                                                      \
-    for (; i + R <= m; i += R) Block<R, VECS>(a, b, c, i, j, n, k, ldc);                \
-    for (; i < m; ++i) Block<1, VECS>(a, b, c, i, j, n, k, ldc);                        \
+    for (; i + R <= m; i += R) Block<R, VECS>(a, ars, acs, b, ldb, c, ldc, i, j, k);    \
+    for (; i < m; ++i) Block<1, VECS>(a, ars, acs, b, ldb, c, ldc, i, j, k);            \
   }                                                                                     \
                                                                                         \
-  void Gemm(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k, \
-            int64_t ldc) {                                                              \
+  void Gemm(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb,     \
+            float* c, int64_t ldc, int64_t m, int64_t n, int64_t k) {                   \
     int64_t j = 0;                                                                      \
-    for (; j + 2 * W <= n; j += 2 * W) Columns<2>(a, b, c, j, m, n, k, ldc);            \
-    for (; j + W <= n; j += W) Columns<1>(a, b, c, j, m, n, k, ldc);                    \
+    for (; j + 2 * W <= n; j += 2 * W) Columns<2>(a, ars, acs, b, ldb, c, ldc, j, m, k); \
+    for (; j + W <= n; j += W) Columns<1>(a, ars, acs, b, ldb, c, ldc, j, m, k);        \
     for (; j < n; ++j)                                                                  \
       for (int64_t i = 0; i < m; ++i) {                                                 \
         float s = 0.0f;                                                                 \
-        for (int64_t p = 0; p < k; ++p) s += a[i * k + p] * b[p * n + j];               \
+        for (int64_t p = 0; p < k; ++p) s += a[i * ars + p * acs] * b[p * ldb + j];     \
         c[i * ldc + j] = s;                                                             \
       }                                                                                 \
   }
 
 namespace {
 
-using GemmFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t,
-                        int64_t);
+using GemmFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, float*,
+                        int64_t, int64_t, int64_t, int64_t);
 
 namespace generic {
 AMOS_GEMM_KERNEL(4, 4)
@@ -130,14 +134,11 @@ int64_t Extent(const Operand& x, int64_t n0, int64_t n1, int64_t rows, int64_t c
   return (n0 - 1) * x.s0 + (n1 - 1) * x.s1 + (r - 1) * x.ld + c;
 }
 
-// op(X) (rows x cols) into row-major `out`.
-void Pack(const float* x, const Operand& op, int64_t rows, int64_t cols, float* out) {
-  if (!op.t) {
-    for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * cols, x + r * op.ld, cols * 4);
-  } else {  // stored cols x rows
-    for (int64_t c = 0; c < cols; ++c)
-      for (int64_t r = 0; r < rows; ++r) out[r * cols + c] = x[c * op.ld + r];
-  }
+// B^T stored (n x k, leading dimension ld) into row-major k x n `out`: the kernel
+// loads B's rows as vectors. A needs no copy: its elements are broadcast one by one.
+void PackTransposed(const float* x, int64_t ld, int64_t k, int64_t n, float* out) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t p = 0; p < k; ++p) out[p * n + j] = x[j * ld + p];
 }
 
 // Items claimed from a shared counter; the caller waits only for claimed items, so
@@ -168,14 +169,19 @@ ffi::Error BatchedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   const float* pb = b.typed_data();
   float* pc = c->typed_data();
   const GemmFn gemm = g_isa.gemm;
+  // op(A)[i, p] sits at i * ars + p * acs.
+  const int64_t ars = ta ? 1 : lda, acs = ta ? lda : 1;
   auto item = [=](int64_t i, std::vector<float>& scratch) {
     const int64_t i0 = i / n1, i1 = i % n1;
-    scratch.resize(m * k + k * n);
-    float* ap = scratch.data();
-    float* bp = ap + m * k;
-    Pack(pa + i0 * a0 + i1 * a1, A, m, k, ap);
-    Pack(pb + i0 * b0 + i1 * b1, B, k, n, bp);
-    gemm(ap, bp, pc + i0 * c0 + i1 * c1, m, n, k, ldc);
+    const float* bi = pb + i0 * b0 + i1 * b1;
+    int64_t ldbi = ldb;
+    if (tb) {
+      scratch.resize(k * n);
+      PackTransposed(bi, ldb, k, n, scratch.data());
+      bi = scratch.data();
+      ldbi = n;
+    }
+    gemm(pa + i0 * a0 + i1 * a1, ars, acs, bi, ldbi, pc + i0 * c0 + i1 * c1, ldc, m, n, k);
   };
   const int64_t total = n0 * n1;
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
