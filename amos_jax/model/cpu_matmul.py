@@ -9,7 +9,7 @@ kernel compiled for AVX-512, AVX2 + FMA or the baseline ISA (the best the CPU ha
 copy of a whole operand is made either.
 
 The library is compiled on first use with the system C++ compiler against jaxlib's
-FFI headers and cached under `cache_root()/native/<hash of source and jaxlib>/`.
+FFI headers and cached under `cache_root()/native/<hash of source, flags, jax>/`.
 `available()` says whether it loaded, and `unavailable_reason()` why not.
 
 Specs: two shared batch letters, one contraction letter, two free letters, e.g.
@@ -22,7 +22,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import logging
 import os
 import subprocess
 import tempfile
@@ -33,17 +32,16 @@ import numpy as np
 
 from amos_jax import paths
 
-log = logging.getLogger("amos_jax")
-
 TARGET = "amos_batched_matmul"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native",
                        "batched_matmul.cc")
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
 def _library_path() -> str:
   with open(_SOURCE, "rb") as f:
     source = f.read()
-  key = hashlib.sha256(source + jax.ffi.include_dir().encode()
+  key = hashlib.sha256(source + " ".join(_FLAGS).encode() + jax.ffi.include_dir().encode()
                        + jax.__version__.encode()).hexdigest()[:16]
   return os.path.join(paths.cache_root(), "native", key, "libamos_batched_matmul.so")
 
@@ -54,8 +52,7 @@ def _compile(target: str) -> None:
   os.makedirs(os.path.dirname(target), exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(target))
   os.close(fd)
-  cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-w",
-         f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp]
+  cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp]
   try:
     done = subprocess.run(cmd, capture_output=True, text=True)
   except FileNotFoundError:
