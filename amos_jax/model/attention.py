@@ -9,11 +9,12 @@ The backend is chosen by config (`model.attention_impl`):
 Where the chosen one cannot run, it falls back to XLA with one warning. gemm needs
 the CPU, float32, a C++ compiler for its first build, and a step XLA does not
 partition itself: under a mesh with an automatically sharded axis of more than one
-device it would see a custom call it cannot split (inside `shard_map`, where each
-device computes its own block, it runs). The packed-document mask is passed on every
-path. Attention-probability dropout has no fused form, so when it is active
-(training with `attention_dropout > 0`) the probabilities are computed explicitly
-(`ops.dropout_attention`), with XLA's products or the kernel's.
+device, or outside a mesh on several devices (arguments' shardings can partition
+the program there), XLA would see a custom call it cannot split (inside `shard_map`,
+where each device computes its own block, it runs). The packed-document mask is
+passed on every path. Attention-probability dropout has no fused form, so when it
+is active (training with `attention_dropout > 0`) the probabilities are computed
+explicitly (`ops.dropout_attention`), with XLA's products or the kernel's.
 """
 from __future__ import annotations
 
