@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from amos_jax.model.attention import (ATTENTION_PRODUCT, dot_product_attention, relative_position_buckets,
-                                      segment_attention_mask)
+from amos_jax.model.attention import (ATTENTION_PRODUCT, dot_product_attention,
+                                      relative_position_buckets, segment_attention_mask)
 from amos_jax.model import ops
 from amos_jax.model import rng as rng_lib
 from amos_jax.model.partitioning import constrain, with_logical_axes
