@@ -56,6 +56,28 @@ def test_dense_values_and_gradients_match_autodiff(with_bias):
     _check_grads(lambda x, w: ops.dense(x, w, None), lambda x, w: x @ w, x, kernel)
 
 
+def test_dense_shared_input_values_and_gradients_match_autodiff():
+  """Query, key and value of one input: the input's gradient as one product over the
+  stacked cotangents and kernels, and the kernels' and biases' gradients split from
+  one product, are autodiff's of the separate layers."""
+  k = jax.random.split(jax.random.key(4), 7)
+  x = jax.random.normal(k[0], (2, 5, 16))
+  kernels = tuple(jax.random.normal(k[1 + i], (16, 6)) for i in range(3))
+  biases = tuple(jax.random.normal(k[4 + i], (w.shape[1],)) for i, w in enumerate(kernels))
+
+  def ref(x, kernels, biases):
+    return tuple(x @ w + b for w, b in zip(kernels, biases))
+
+  ys, vjp = jax.vjp(ops.dense_shared_input, x, kernels, biases)
+  ys_ref, vjp_ref = jax.vjp(ref, x, kernels, biases)
+  for y, y_ref in zip(ys, ys_ref):
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  gs = tuple(jax.random.normal(jax.random.key(10 + i), y.shape) for i, y in enumerate(ys))
+  for got, want in zip(jax.tree.leaves(vjp(gs)), jax.tree.leaves(vjp_ref(gs))):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_add_bias_values_and_gradients_match_autodiff():
   """The bias gradient formed as ones @ G (sum_rows) is the sum over all leading axes."""
   k = jax.random.split(jax.random.key(1), 2)

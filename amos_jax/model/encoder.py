@@ -222,8 +222,14 @@ class Attention(nnx.Module):
     cfg = self.cfg
     b, t, _ = x.shape
     n, dh = cfg.num_heads, cfg.hidden_size // cfg.num_heads
-    q, k, v = (m(x).reshape(b, t, n, dh)
-               for m in (self.self.query, self.self.key, self.self.value))
+    # The three projections of x through one op whose backward pass is one product
+    # for x's gradient (ops.dense_shared_input); the parameters stay per layer.
+    layers = (self.self.query, self.self.key, self.self.value)
+    q, k, v = (checkpoint_name(y, ops.DENSE_OUT).reshape(b, t, n, dh)
+               for y in ops.dense_shared_input(
+                   x.astype(cfg.compute_dtype),
+                   tuple(m.kernel[...].astype(cfg.compute_dtype) for m in layers),
+                   tuple(m.bias[...].astype(cfg.compute_dtype) for m in layers)))
     q, k, v = (constrain(a, ("batch", "seq", "heads", None)) for a in (q, k, v))
     r_attn, r_out = _split(dropout_rng, 2)
     ctx = dot_product_attention(

@@ -11,7 +11,8 @@ backend and less activation memory per chip. The forward values are the same
 formulas; the gradients are the analytic ones (tested against autodiff of the plain
 formulas in tests/test_ops.py). `softmax_cross_entropy` (the MLM heads' loss) is
 here for its one-pass backward rather than its residuals, `dense` for the order of
-its kernel gradient's product, and `sum_rows` / `add_bias` for the form of the dense
+its kernel gradient's product, `dense_shared_input` for one backward product where
+several layers read one input, and `sum_rows` / `add_bias` for the form of the dense
 and MLM-head bias gradients (a product with ones, not a row reduction, which is slow
 at vocabulary width on XLA's CPU backend; LayerNorm's H-wide sums stay reductions).
 """
@@ -63,6 +64,40 @@ def _dense_bwd(res, g):
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+@jax.custom_vjp
+def dense_shared_input(x: jax.Array, kernels: tuple, biases: tuple) -> tuple:
+  """(x @ kernel_i + bias_i for each i): (..., K), ((K, N),) * L, ((N,),) * L ->
+  ((..., N),) * L.
+
+  Dense layers of one input (attention's query, key and value). The forward pass is
+  `dense` per layer; the backward pass forms the input's gradient as one product,
+  stack(G_i) @ stack(kernel_i)^T contracted over (L, N), and the kernels' gradients
+  as one X^T stack(G_i), split after. Three thin products and a pass adding their
+  outputs took about 4% of the ELECTRA-small CPU step more (BENCHMARKS.md). Stacked
+  on a new axis, not concatenated, so a kernel sharded over its N axis stays so.
+  """
+  return tuple(dense(x, w, b) for w, b in zip(kernels, biases))
+
+
+def _shared_fwd(x, kernels, biases):
+  return dense_shared_input(x, kernels, biases), (x, kernels)
+
+
+def _shared_bwd(res, gs):
+  x, kernels = res
+  g = jnp.stack(gs, axis=-2)                                         # (..., L, N)
+  w = jnp.stack(kernels, axis=-2)                                    # (K, L, N)
+  dx = jax.lax.dot_general(g, w, (((g.ndim - 2, g.ndim - 1), (1, 2)), ((), ())))
+  x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, *g.shape[-2:])
+  dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))         # (K, L, N)
+  db = sum_rows(g2.reshape(g2.shape[0], -1)).reshape(g2.shape[1:])   # (L, N)
+  return (dx, tuple(dw[:, i].astype(k.dtype) for i, k in enumerate(kernels)),
+          tuple(db[i] for i in range(len(kernels))))
+
+
+dense_shared_input.defvjp(_shared_fwd, _shared_bwd)
 
 
 def sum_rows(g2: jax.Array) -> jax.Array:
