@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType
 
 from amos_jax.model import attention, cpu_matmul
+from amos_jax.model.partitioning import mesh_platform
 
 SPECS = ["btnd,bsnd->bnts",   # logits; dprobs from (g, v)
          "bnts,bsnd->btnd",   # context; dq from (dlogits, k)
@@ -159,7 +160,7 @@ def test_auto_picks_gemm_only_where_it_runs():
   manual = AbstractMesh((2,), ("data",), axis_types=(AxisType.Manual,))
   assert resolve("auto", jnp.float32, 64, platform="cpu", mesh=manual) == "gemm"
   # The platform defaults to the mesh's: a TPU topology's step compiled on a CPU host.
-  assert attention._mesh_platform(one) == jax.default_backend()
+  assert mesh_platform(one) == jax.default_backend()
 
 
 def _electra_step(impl: str, remat: str):

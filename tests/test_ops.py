@@ -44,16 +44,30 @@ def _check_grads(f, ref, *args):
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_dense_values_and_gradients_match_autodiff(with_bias):
-  """The kernel gradient formed as X^T G (leading axes contracted) is autodiff's."""
+@pytest.mark.parametrize("d_in,d_out", [(16, 3), (3, 16)])
+def test_dense_values_and_gradients_match_autodiff(with_bias, d_in, d_out):
+  """The kernel gradient formed as X^T G (leading axes contracted), or on the CPU for
+  a tall kernel as (G^T X)^T, is autodiff's."""
   k = jax.random.split(jax.random.key(0), 3)
-  x = jax.random.normal(k[0], (2, 5, 16))
-  kernel = jax.random.normal(k[1], (16, 3))
+  x = jax.random.normal(k[0], (2, 5, d_in))
+  kernel = jax.random.normal(k[1], (d_in, d_out))
   if with_bias:
-    bias = jax.random.normal(k[2], (3,))
+    bias = jax.random.normal(k[2], (d_out,))
     _check_grads(ops.dense, lambda x, w, b: x @ w + b, x, kernel, bias)
   else:
     _check_grads(lambda x, w: ops.dense(x, w, None), lambda x, w: x @ w, x, kernel)
+
+
+def test_a_tall_kernel_gradient_is_formed_wide_on_the_cpu():
+  """(K > N) -> the product with the wider output, kept apart from its transpose by a
+  barrier (XLA would fold the transpose back); a wide one is X^T G as it is."""
+  def text(d_in, d_out):
+    x, kernel = jnp.ones((64, d_in)), jnp.ones((d_in, d_out))
+    grad = jax.grad(lambda w: jnp.sum(ops.dense(x, w, None)))
+    return jax.jit(grad).lower(kernel).as_text()
+  assert jax.default_backend() == "cpu"
+  assert "optimization_barrier" in text(32, 8)
+  assert "optimization_barrier" not in text(8, 32)
 
 
 def test_dense_shared_input_values_and_gradients_match_autodiff():

@@ -29,6 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 from amos_jax.config import ATTENTION_IMPLS
 from amos_jax.model import cpu_matmul, ops
 from amos_jax.model import rng as rng_lib
+from amos_jax.model.partitioning import mesh_platform
 
 log = logging.getLogger("amos_jax")
 
@@ -53,13 +54,6 @@ def _cudnn_unavailable(dtype, head_dim: int, platform: str) -> str:
 @functools.lru_cache(maxsize=None)
 def _warn_once(message: str) -> None:
   log.warning(message)
-
-
-def _mesh_platform(mesh) -> str:
-  """The platform the mesh's devices are (a step for a TPU topology compiled on a CPU
-  host is TPU's); the default backend's outside a mesh."""
-  device = None if mesh.empty else mesh.abstract_device
-  return device.platform if device is not None else jax.default_backend()
 
 
 def _gemm_unavailable(dtype, platform: str, mesh) -> str:
@@ -91,7 +85,7 @@ def resolve_implementation(implementation: str | None, dtype, head_dim: int,
   if implementation not in ATTENTION_IMPLS:
     raise ValueError(f"attention_impl={implementation!r}: use one of {ATTENTION_IMPLS}")
   mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-  platform = platform or _mesh_platform(mesh)
+  platform = platform or mesh_platform(mesh)
   if implementation in ("auto", "cudnn"):
     why = _cudnn_unavailable(dtype, head_dim, platform)
     if not why:

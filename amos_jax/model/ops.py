@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from amos_jax.model import cpu_matmul
+from amos_jax.model.partitioning import mesh_platform
 
 _F32 = jnp.float32
 
@@ -58,9 +59,23 @@ def _dense_bwd(res, g):
   # As (tokens, K) and (tokens, N) matrices: contracted over all leading axes at
   # once, XLA transposes x first, which costs more than it saves when unrolled.
   x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-  dkernel = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))
   dbias = None if no_bias else sum_rows(g2)
-  return dx, dkernel.astype(kernel.dtype), dbias
+  return dx, kernel_gradient(x2, g2).astype(kernel.dtype), dbias
+
+
+def kernel_gradient(x2: jax.Array, g2: jax.Array) -> jax.Array:
+  """X^T G: (tokens, K), (tokens, N) -> (K, N), a dense kernel's gradient.
+
+  On the CPU a tall one (K > N) is formed as (G^T X)^T: XLA's CPU backend runs the
+  product with the wider output 1.5-1.7x as fast (an FFN's 1024 x 256 output over
+  4,096 tokens: 6.4 against 9.7 ms on 2 cores), and the transpose of the (K, N)
+  result costs a fraction of a millisecond. The barrier keeps XLA from folding the
+  transpose back into the product.
+  """
+  contract = (((0,), (0,)), ((), ()))
+  if x2.shape[1] > g2.shape[1] and mesh_platform() == "cpu":
+    return jax.lax.optimization_barrier(jax.lax.dot_general(g2, x2, contract)).T
+  return jax.lax.dot_general(x2, g2, contract)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)

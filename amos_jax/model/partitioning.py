@@ -71,3 +71,12 @@ def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
   if rules is None or mesh.empty or mesh.are_all_axes_manual:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_mesh(axes, rules))
+
+
+def mesh_platform(mesh=None) -> str:
+  """The platform of the mesh's devices (default: the current abstract mesh's): a
+  step for a TPU topology compiled ahead of time on a CPU host is TPU's. Outside a
+  mesh, the default backend's."""
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  device = None if mesh.empty else mesh.abstract_device
+  return device.platform if device is not None else jax.default_backend()
