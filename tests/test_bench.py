@@ -148,3 +148,21 @@ def test_amos_bench_as_processes_steps_the_same_batch(tmp_path, one_process):
   assert two["xla_flops_per_step"] == pytest.approx(one["xla_flops_per_step"], rel=0.01)
   assert "one flat all-reduce per step over 2 devices" in r.stderr
   assert "process 0 compiles for all 2 processes" in r.stderr
+
+
+def test_step_profile_splits_wall_time_among_running_kernels():
+  """benchmarks/step_profile.py's attribution: overlapping kernels share their
+  moments equally, a moment with none running goes to the kernel that ended last
+  (an Eigen product runs after its launch event), and it all adds up to the span."""
+  from amos_jax.train.step_profile import attribute, hlo_index, kind
+  events = [(0.0, 4.0, "a.1"), (2.0, 6.0, "b.2"), (8.0, 10.0, "c.3"), (8.5, 9.0, "c.4")]
+  wall = attribute(events)
+  assert wall == pytest.approx({"a.1": 3.0, "b.2": 5.0, "c.3": 1.75, "c.4": 0.25})
+  assert sum(wall.values()) == pytest.approx(10.0)
+  assert kind("ynn_fusion.12") == "ynn_fusion" and kind("copy") == "copy"
+  text = ("HloModule m\n\nbody.3 {\n  %p = f32[4]{0} parameter(0)\n"
+          "  ROOT %dot.1 = f32[4,4]{1,0} dot(%p, %p), metadata={op_name=\"jit(f)/dot\"}\n}\n\n"
+          "ENTRY %main.9 {\n  ROOT %w = f32[4]{0} while(%x), body=%body.3\n}\n")
+  index = hlo_index(text)
+  assert index["dot.1"] == ("f32[4,4]{1,0}", "jit(f)/dot", "body.3")
+  assert index["w"][2] == "main.9"
