@@ -3,10 +3,11 @@
 XLA:CPU computes a batched dot such as (B, N)-batched 128 x 64 x 128 on one core
 (BENCHMARKS.md, seventh stop). `einsum` runs the same product as an XLA FFI custom
 call (`native/batched_matmul.cc`) that shares the batch among the intra-op thread
-pool's threads. Each thread packs its matrix pair and runs a register-blocked
-kernel compiled for AVX-512, AVX2 + FMA or the baseline ISA (the best the CPU has:
-`isa()`). The heads of a (B, T, N, Dh) array are strided matrices, so no transposed
-copy of a whole operand is made either.
+pool's threads. Each thread runs a register-blocked kernel compiled for AVX-512,
+AVX2 + FMA or the baseline ISA (the best the CPU has: `isa()`), reading A in place
+through its strides and copying B only where it is stored transposed. The heads of
+a (B, T, N, Dh) array are strided matrices, so no transposed copy of a whole
+operand is made.
 
 The library is compiled on first use with the system C++ compiler against jaxlib's
 FFI headers and cached under `cache_root()/native/<hash of source, flags, jax>/`.

@@ -109,11 +109,13 @@ class Dense(nnx.Linear):
   """`nnx.Linear`'s parameters (same names), computed by `ops.dense` (its faster
   kernel gradient); the output is named for the remat policy (ops.DENSE_OUT)."""
 
-  def __call__(self, x):
-    kernel = self.kernel[...]
+  def operands(self, x):
+    """(x, kernel, bias or None) in the compute dtype."""
     bias = self.bias[...] if self.bias is not None else None
-    x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
-    return checkpoint_name(ops.dense(x, kernel, bias), ops.DENSE_OUT)
+    return self.promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
+
+  def __call__(self, x):
+    return checkpoint_name(ops.dense(*self.operands(x)), ops.DENSE_OUT)
 
 
 class LayerNorm(nnx.LayerNorm):
@@ -224,12 +226,11 @@ class Attention(nnx.Module):
     n, dh = cfg.num_heads, cfg.hidden_size // cfg.num_heads
     # The three projections of x through one op whose backward pass is one product
     # for x's gradient (ops.dense_shared_input); the parameters stay per layer.
-    layers = (self.self.query, self.self.key, self.self.value)
+    operands = [m.operands(x) for m in (self.self.query, self.self.key, self.self.value)]
     q, k, v = (checkpoint_name(y, ops.DENSE_OUT).reshape(b, t, n, dh)
-               for y in ops.dense_shared_input(
-                   x.astype(cfg.compute_dtype),
-                   tuple(m.kernel[...].astype(cfg.compute_dtype) for m in layers),
-                   tuple(m.bias[...].astype(cfg.compute_dtype) for m in layers)))
+               for y in ops.dense_shared_input(operands[0][0],
+                                               tuple(o[1] for o in operands),
+                                               tuple(o[2] for o in operands)))
     q, k, v = (constrain(a, ("batch", "seq", "heads", None)) for a in (q, k, v))
     r_attn, r_out = _split(dropout_rng, 2)
     ctx = dot_product_attention(
