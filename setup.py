@@ -57,7 +57,7 @@ setup(
     description=__doc__,
     packages=find_packages(include=["amos_jax", "amos_jax.*"]),
     # The BLAS attention products' source, compiled on first use (model/cpu_matmul.py).
-    package_data={"amos_jax.model": ["native/*.cc"]},
+    package_data={"amos_jax.model": ["native/*.cc", "native/*.h"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

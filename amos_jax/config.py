@@ -16,11 +16,12 @@ from amos_jax.errors import AmosError, ConfigError, one_line
 # maps logical names onto them, and `train/sharding.py` builds the Mesh with them.
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Choices of model.remat (True / False read as full / none), model.attention_impl
-# and train.rng_impl.
+# Choices of model.remat (True / False read as full / none), model.attention_impl,
+# train.rng_impl and model.dropout_impl.
 REMAT_CHOICES = ("auto", "none", "dots_saveable", "full", "true", "false")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "gemm")
 RNG_IMPLS = ("threefry", "rbg", "unsafe_rbg")
+DROPOUT_IMPLS = ("auto", "xla", "native")
 GRAD_ALLREDUCE = ("auto", "per_layer", "once")
 
 # Paper sizes. ELECTRA: small 256x12 (E=128), base 768x12, large 1024x24.
@@ -60,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
       hidden_dropout=0.1, attention_dropout=0.1, layer_norm_eps=1e-12,
       initializer_range=0.02, dtype="float32",
       attention_impl="auto",  # auto | xla | cudnn (fused, NVIDIA GPUs) | gemm (CPU)
+      dropout_impl="auto",    # auto | xla | native (CPU custom call): the same masks
       relative_attention_buckets=0, relative_attention_max_distance=128,
       scan_layers=True,       # lax.scan over layers: compile time flat in depth
       remat="auto",           # auto | none | dots_saveable | full (what backward
@@ -179,6 +181,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
   if (m.get("attention_impl") or "auto") not in ATTENTION_IMPLS:
     raise ConfigError(f"model.attention_impl={m.attention_impl!r}: use one of "
                       f"{', '.join(ATTENTION_IMPLS)}")
+  if (m.get("dropout_impl") or "auto") not in DROPOUT_IMPLS:
+    raise ConfigError(f"model.dropout_impl={m.dropout_impl!r}: use one of "
+                      f"{', '.join(DROPOUT_IMPLS)}")
   if t.get("rng_impl", "threefry") not in RNG_IMPLS:
     raise ConfigError(f"train.rng_impl={t.rng_impl!r}: use threefry, rbg or unsafe_rbg")
   if c.sharding.get("grad_allreduce", "auto") not in GRAD_ALLREDUCE:

@@ -33,6 +33,7 @@ def _edit(c, path, value):
     ("train.b1", -0.1, 1, "train.b1=-0.1 must be in [0, 1)"),
     ("train.eps", 0.0, 1, "train.eps=0.0 must be > 0"),
     ("objective.sampler", "greedy", 1, "objective.sampler='greedy'"),
+    ("model.dropout_impl", "fast", 1, "model.dropout_impl='fast': use one of auto, xla, native"),
 ])
 def test_validate_names_the_field(field, value, devices, message):
   c = tiny_config("electra")

@@ -29,7 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 from amos_jax.config import ATTENTION_IMPLS
 from amos_jax.model import cpu_matmul, ops
 from amos_jax.model import rng as rng_lib
-from amos_jax.model.partitioning import mesh_platform
+from amos_jax.model.partitioning import custom_call_partitioned, mesh_platform
 
 log = logging.getLogger("amos_jax")
 
@@ -63,15 +63,7 @@ def _gemm_unavailable(dtype, platform: str, mesh) -> str:
     return f"gemm attention runs on the CPU, not {platform}"
   if jnp.dtype(dtype) != jnp.float32:
     return f"gemm attention needs float32, not {jnp.dtype(dtype).name}"
-  split = {a: n for a, n in mesh.shape.items() if n > 1 and a not in mesh.manual_axes}
-  if split:
-    return (f"the mesh shards {split} automatically and XLA cannot split the gemm "
-            "custom call (sharding.grad_allreduce=once runs it per device)")
-  if mesh.empty and jax.device_count() > 1:
-    # No mesh in context, yet the program may be partitioned by its arguments'
-    # shardings over the devices (as embedding is over a host's CPU devices).
-    return f"a program outside a mesh may be partitioned over {jax.device_count()} devices"
-  return ""
+  return custom_call_partitioned(mesh)
 
 
 def resolve_implementation(implementation: str | None, dtype, head_dim: int,
@@ -135,7 +127,7 @@ def relative_position_buckets(q_len: int, k_len: int, num_buckets: int,
 
 
 def dot_product_attention(q, k, v, mask, bias=None, *, dropout_rate=0.0,
-                          dropout_rng=None, implementation=None):
+                          dropout_rng=None, implementation=None, dropout_impl=None):
   """q, k, v: (B, T, N, Dh); mask: (B, 1, T, T) bool; bias: (1|B, N, T, T) -> (B, T, N, Dh)."""
   implementation = resolve_implementation(implementation, q.dtype, q.shape[-1])
   gemm = implementation == "gemm"
@@ -149,7 +141,8 @@ def dot_product_attention(q, k, v, mask, bias=None, *, dropout_rate=0.0,
     logits = einsum("btnd,bsnd->bnts", q, k).astype(jnp.float32) * scale
     if bias is not None:
       logits = logits + bias
-    keep, keep_scale = rng_lib.dropout_keep(dropout_rng, dropout_rate, logits.shape)
+    keep, keep_scale = rng_lib.dropout_keep(dropout_rng, dropout_rate, logits.shape,
+                                            dropout_impl)
     ctx = ops.dropout_attention(logits, v, mask, keep, keep_scale, gemm)
     return checkpoint_name(ctx, ATTENTION_PRODUCT) if gemm else ctx
   if gemm:

@@ -9,9 +9,9 @@ through its strides and copying B only where it is stored transposed. The heads 
 a (B, T, N, Dh) array are strided matrices, so no transposed copy of a whole
 operand is made.
 
-The library is compiled on first use with the system C++ compiler against jaxlib's
-FFI headers and cached under `cache_root()/native/<hash of source, flags, jax>/`.
-`available()` says whether it loaded, and `unavailable_reason()` why not.
+The library (`native_lib`) is compiled on first use with the system C++ compiler
+against jaxlib's FFI headers and cached. `available()` says whether it loaded, and
+`unavailable_reason()` why not.
 
 Specs: two shared batch letters, one contraction letter, two free letters, e.g.
 "btnd,bsnd->bnts" (attention logits) or "bnts,bsnd->btnd" (context); any operand
@@ -20,92 +20,35 @@ Differentiable (custom VJP: each cotangent is itself such a product); float32 on
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import os
-import subprocess
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amos_jax import paths
+from amos_jax.model import native_lib
 
 TARGET = "amos_batched_matmul"
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native",
-                       "batched_matmul.cc")
-_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
-
-
-def _library_path() -> str:
-  with open(_SOURCE, "rb") as f:
-    source = f.read()
-  key = hashlib.sha256(source + " ".join(_FLAGS).encode() + jax.ffi.include_dir().encode()
-                       + jax.__version__.encode()).hexdigest()[:16]
-  return os.path.join(paths.cache_root(), "native", key, "libamos_batched_matmul.so")
-
-
-def _compile(target: str) -> None:
-  """Compiles the source into `target`, atomically (concurrent processes may race)."""
-  compiler = os.environ.get("CXX", "c++")
-  os.makedirs(os.path.dirname(target), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(target))
-  os.close(fd)
-  cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp]
-  try:
-    done = subprocess.run(cmd, capture_output=True, text=True)
-  except FileNotFoundError:
-    os.unlink(tmp)
-    raise RuntimeError(f"no C++ compiler ({compiler}) was found: install g++ "
-                       "or set CXX") from None
-  if done.returncode != 0:
-    os.unlink(tmp)
-    raise RuntimeError(f"{compiler} failed on {_SOURCE}: {done.stderr.strip()[-400:]}")
-  os.replace(tmp, target)
-
-
-_LIB = None
-
-
-@functools.lru_cache(maxsize=None)
-def _load() -> str:
-  """Builds, loads and registers the custom call: '' on success, else why not."""
-  global _LIB
-  try:
-    target = _library_path()
-    if not os.path.exists(target):
-      _compile(target)
-    lib = ctypes.CDLL(target)
-    lib.amos_batched_matmul_isa.restype = ctypes.c_char_p
-    lib.amos_batched_matmul_use_isa.argtypes = [ctypes.c_char_p]
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.AmosBatchedMatmul),
-                                platform="cpu")
-  except Exception as e:  # noqa: BLE001 - any failure means: use XLA's product
-    return f"{type(e).__name__}: {e}"
-  _LIB = lib
-  return ""
 
 
 def unavailable_reason() -> str:
   """'' when the kernel can run, else why not (one line)."""
-  return _load()
+  return native_lib.unavailable_reason()
 
 
 def available() -> bool:
-  return not _load()
+  return not unavailable_reason()
 
 
 def isa() -> str:
   """The kernel this CPU runs: 'avx512', 'avx2' or 'generic' ('' if unavailable)."""
-  return _LIB.amos_batched_matmul_isa().decode() if available() else ""
+  return native_lib.load().amos_batched_matmul_isa().decode() if available() else ""
 
 
 def use_isa(name: str) -> bool:
   """Runs the named compiled kernel from now on (tests compare them); False where it
   is not compiled in or the CPU lacks it."""
-  return available() and bool(_LIB.amos_batched_matmul_use_isa(name.encode()))
+  return available() and bool(native_lib.load().amos_batched_matmul_use_isa(name.encode()))
 
 
 def _row_major_strides(shape) -> list[int]:

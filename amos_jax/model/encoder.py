@@ -44,6 +44,7 @@ class EncoderConfig:
   initializer_range: float = 0.02
   dtype: str = "float32"             # compute dtype; parameters stay float32
   attention_impl: str | None = None  # None = 'auto' | 'xla' | 'cudnn' | 'gemm'
+  dropout_impl: str | None = None    # None = 'auto' | 'xla' | 'native' (CPU): same masks
   relative_attention_buckets: int = 0  # 0: off; else T5 bias (not HF-exportable)
   relative_attention_max_distance: int = 128
   # What each layer keeps for the backward pass: 'none' (everything), 'dots_saveable'
@@ -77,10 +78,13 @@ class EncoderConfig:
     return cls(**{k: v for k, v in dict(cfg).items() if k in names})
 
 
-def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None,
+            implementation: str | None = None) -> jax.Array:
+  """Inverted dropout at `rate` (none without a key); implementation: where the
+  masks are drawn (rng.resolve_dropout_impl)."""
   if rng is None or rate == 0.0:
     return x
-  keep, scale = rng_lib.dropout_keep(rng, rate, x.shape)
+  keep, scale = rng_lib.dropout_keep(rng, rate, x.shape, implementation)
   return ops.dropout(x, keep, scale)
 
 
@@ -190,7 +194,7 @@ class Embeddings(nnx.Module):
     x = x + self.position_embeddings(positions) + self.token_type_embeddings(
         token_type_ids)
     x = self.LayerNorm(x)
-    return dropout(x, self.cfg.hidden_dropout, dropout_rng)
+    return dropout(x, self.cfg.hidden_dropout, dropout_rng, self.cfg.dropout_impl)
 
 
 class SelfAttention(nnx.Module):
@@ -210,7 +214,7 @@ class DenseLayerNorm(nnx.Module):
     self.LayerNorm = layer_norm(cfg, cfg.hidden_size, rngs)
 
   def __call__(self, x, residual, dropout_rng=None):
-    x = dropout(self.dense(x), self.cfg.hidden_dropout, dropout_rng)
+    x = dropout(self.dense(x), self.cfg.hidden_dropout, dropout_rng, self.cfg.dropout_impl)
     return self.LayerNorm(x + residual)
 
 
@@ -235,7 +239,7 @@ class Attention(nnx.Module):
     r_attn, r_out = _split(dropout_rng, 2)
     ctx = dot_product_attention(
         q, k, v, mask, bias, dropout_rate=cfg.attention_dropout, dropout_rng=r_attn,
-        implementation=cfg.attention_impl)
+        implementation=cfg.attention_impl, dropout_impl=cfg.dropout_impl)
     return self.output(ctx.reshape(b, t, n * dh), x, r_out)
 
 

@@ -80,3 +80,22 @@ def mesh_platform(mesh=None) -> str:
   mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
   device = None if mesh.empty else mesh.abstract_device
   return device.platform if device is not None else jax.default_backend()
+
+
+def custom_call_partitioned(mesh=None) -> str:
+  """Why XLA may partition a program here, '' where it runs whole on each device.
+
+  A CPU custom call of ours (`native_lib`) cannot be split by XLA: under a mesh
+  with an automatically sharded axis of more than one device, or outside a mesh on
+  several devices (arguments' shardings can partition the program there), XLA
+  would gather its operands and run it whole everywhere. Inside `shard_map` (the
+  one-all-reduce step), where each device computes its own block, it runs.
+  """
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  split = {a: n for a, n in mesh.shape.items() if n > 1 and a not in mesh.manual_axes}
+  if split:
+    return (f"the mesh shards {split} automatically and XLA cannot split a custom "
+            "call (sharding.grad_allreduce=once runs it per device)")
+  if mesh.empty and jax.device_count() > 1:
+    return f"a program outside a mesh may be partitioned over {jax.device_count()} devices"
+  return ""

@@ -32,11 +32,12 @@ METRICS_FILE = "metrics.jsonl"
 RUN_ENTRIES = ("checkpoints", METRICS_FILE, "tensorboard")
 
 NEUTRAL_PREFIXES = ("mesh.", "sharding.", "checkpoint.")
-# How the same computation runs (layer scan, rematerialization, attention kernel)
+# How the same computation runs (layer scan, rematerialization, attention kernel,
+# where dropout's masks are drawn)
 # changes no parameter and no loss beyond rounding.
 NEUTRAL_KEYS = {"train.log_every", "train.eval_every", "train.eval_batches", "init_from",
                 "init_from_allow_pickle", "model.scan_layers", "model.remat",
-                "model.attention_impl", "train.compilation_cache_dir"}
+                "model.attention_impl", "model.dropout_impl", "train.compilation_cache_dir"}
 SAFE_KEYS = {"train.steps", "train.learning_rate", "train.warmup_steps",
              "train.warmup_fraction", "train.schedule", "train.end_learning_rate_fraction",
              "train.clip_norm", "train.weight_decay", "train.max_nonfinite_steps",

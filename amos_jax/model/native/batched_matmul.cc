@@ -16,15 +16,11 @@
 // in L1/L2 and no cache blocking is needed. The kernel
 // is compiled for AVX-512, AVX2 + FMA and the baseline ISA, and the best one the CPU
 // has runs (`amos_batched_matmul_isa`).
-#include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -141,16 +137,6 @@ void PackTransposed(const float* x, int64_t ld, int64_t k, int64_t n, float* out
     for (int64_t p = 0; p < k; ++p) out[p * n + j] = x[j * ld + p];
 }
 
-// Items claimed from a shared counter; the caller waits only for claimed items, so
-// a helper task the pool never runs cannot stall it.
-struct Batch {
-  std::atomic<int64_t> next{0};
-  int64_t total = 0;
-  std::mutex mu;
-  std::condition_variable cv;
-  int64_t done = 0;
-};
-
 ffi::Error BatchedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
                          ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c,
                          int64_t n0, int64_t n1, int64_t m, int64_t n, int64_t k,
@@ -183,24 +169,10 @@ ffi::Error BatchedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
     }
     gemm(pa + i0 * a0 + i1 * a1, ars, acs, bi, ldbi, pc + i0 * c0 + i1 * c1, ldc, m, n, k);
   };
-  const int64_t total = n0 * n1;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
-  auto batch = std::make_shared<Batch>();
-  batch->total = total;
-  auto work = [batch, item]() {
+  amos_native::ParallelFor(pool, n0 * n1, [item](int64_t i) {
     thread_local std::vector<float> scratch;
-    int64_t mine = 0;
-    for (int64_t i; (i = batch->next.fetch_add(1)) < batch->total; ++mine) item(i, scratch);
-    if (mine > 0) {
-      std::lock_guard<std::mutex> lock(batch->mu);
-      batch->done += mine;
-      if (batch->done == batch->total) batch->cv.notify_all();
-    }
-  };
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(work)(work));
-  work();
-  std::unique_lock<std::mutex> lock(batch->mu);
-  batch->cv.wait(lock, [&] { return batch->done == batch->total; });
+    item(i, scratch);
+  });
   return ffi::Error::Success();
 }
 

@@ -1,0 +1,96 @@
+"""The C++ custom calls for XLA:CPU in `native/`, built into one library on first use.
+
+`native/batched_matmul.cc` (attention's products, `cpu_matmul`) and
+`native/dropout_keep.cc` (dropout's keep masks, `rng`) are compiled together with
+the system C++ compiler against jaxlib's FFI headers, cached under
+`cache_root()/native/<hash of sources, flags, jax>/` and written atomically (several
+processes may race to build it). `load()` builds, loads and registers every target
+once per process; `unavailable_reason()` says why it could not ('' when it could),
+and the callers then keep XLA's own form.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import tempfile
+
+import jax
+
+from amos_jax import paths
+
+_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
+SOURCES = tuple(os.path.join(_DIR, f) for f in ("batched_matmul.cc", "dropout_keep.cc"))
+_HEADERS = (os.path.join(_DIR, "parallel.h"),)
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
+# FFI target name -> the handler symbol the library exports.
+TARGETS = {"amos_batched_matmul": "AmosBatchedMatmul",
+           "amos_dropout_keep": "AmosDropoutKeep"}
+
+
+def library_path() -> str:
+  digest = hashlib.sha256()
+  for path in SOURCES + _HEADERS:
+    with open(path, "rb") as f:
+      digest.update(f.read())
+  digest.update((" ".join(_FLAGS) + jax.ffi.include_dir() + jax.__version__).encode())
+  return os.path.join(paths.cache_root(), "native", digest.hexdigest()[:16], "libamos_native.so")
+
+
+def _compile(target: str) -> None:
+  """Compiles the sources into `target`, atomically."""
+  compiler = os.environ.get("CXX", "c++")
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(target))
+  os.close(fd)
+  cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *SOURCES, "-o", tmp]
+  try:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+  except FileNotFoundError:
+    os.unlink(tmp)
+    raise RuntimeError(f"no C++ compiler ({compiler}) was found: install g++ "
+                       "or set CXX") from None
+  if done.returncode != 0:
+    os.unlink(tmp)
+    raise RuntimeError(f"{compiler} failed on {' '.join(SOURCES)}: "
+                       f"{done.stderr.strip()[-400:]}")
+  os.replace(tmp, target)
+
+
+_LIB = None
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> str:
+  global _LIB
+  try:
+    target = library_path()
+    if not os.path.exists(target):
+      _compile(target)
+    lib = ctypes.CDLL(target)
+    for fn in ("amos_batched_matmul_isa", "amos_dropout_keep_isa"):
+      getattr(lib, fn).restype = ctypes.c_char_p
+    for fn in ("amos_batched_matmul_use_isa", "amos_dropout_keep_use_isa"):
+      getattr(lib, fn).argtypes = [ctypes.c_char_p]
+    for name, symbol in TARGETS.items():
+      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                  platform="cpu")
+  except Exception as e:  # noqa: BLE001 - any failure means: use XLA's form
+    return f"{type(e).__name__}: {e}"
+  _LIB = lib
+  return ""
+
+
+def unavailable_reason() -> str:
+  """'' when the library is built, loaded and registered, else why not (one line)."""
+  return _load()
+
+
+def load():
+  """The loaded library (ctypes.CDLL); RuntimeError where it could not be built."""
+  why = _load()
+  if why:
+    raise RuntimeError(f"the native custom calls are unavailable: {why}")
+  return _LIB
