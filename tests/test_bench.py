@@ -49,6 +49,8 @@ def test_amos_bench_runs_on_a_tiny_config(one_process):
   # float32 on one CPU device: 'auto' attention runs its products in the gemm kernel,
   # which the table says; XLA's FLOP count is of the same step with XLA's products.
   assert r["attention_products"].startswith("gemm (") and "attention products" in table
+  # With rbg keys (TINY) dropout's masks are XLA's: the native ones hash threefry's.
+  assert r["dropout_masks"] == "XLA" and "dropout masks" in table
 
 
 @pytest.mark.parametrize("name", ["mlm", "amos"])

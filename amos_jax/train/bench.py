@@ -287,9 +287,10 @@ def xla_step_flops(config) -> dict[str, float]:
   unrolled.model.scan_layers = False
   # The whole step's FLOPs: a one-all-reduce step is lowered per device (shard_map).
   unrolled.sharding.grad_allreduce = "per_layer"
-  # A custom call (gemm or cuDNN attention) has no cost analysis: XLA's attention is
-  # the same products.
+  # A custom call (gemm or cuDNN attention, native dropout masks) has no cost
+  # analysis: XLA's attention is the same products, XLA's masks the same hash.
   unrolled.model.attention_impl = "xla"
+  unrolled.model.dropout_impl = "xla"
   cost = compile_train_step(config_lib.freeze(unrolled), lower_only=True)
   # None where the backend's lowering has no cost analysis (libtpu compile-only).
   return {"xla_flops_per_step": cost["xla_flops"] or None,
@@ -313,7 +314,8 @@ def run(config, args) -> dict:
   import jax
   from amos_jax import config as config_lib
   from amos_jax import hostcpu
-  from amos_jax.model import cpu_matmul
+  from amos_jax.model import cpu_matmul, native_lib
+  from amos_jax.model import rng as rng_lib
   from amos_jax.model.partitioning import axis_rules
   from amos_jax.objectives import get_objective
   from amos_jax.train import aot
@@ -340,7 +342,9 @@ def run(config, args) -> dict:
       peaks.append(run_peak(config.model.dtype, args.matmul_size))
   report = aot.analyze(compiled)
   report.update(timings)
-  gemm = cpu_matmul.TARGET in compiled.as_text()
+  text = compiled.as_text()
+  gemm = cpu_matmul.TARGET in text
+  native_masks = rng_lib.NATIVE_KEEP in text
   t = config.train
   med = float(np.median(times))
   device = jax.local_devices()[0]  # memory stats exist for addressable devices only
@@ -354,6 +358,8 @@ def run(config, args) -> dict:
       mode="measured", backend=device.platform, device_kind=device.device_kind, devices=n,
       processes=jax.process_count(),
       attention_products=f"gemm ({cpu_matmul.isa()})" if gemm else "XLA",
+      dropout_masks=(f"native ({native_lib.load().amos_dropout_keep_isa().decode()})"
+                     if native_masks else "XLA"),
       init_seconds=init_seconds,
       step_seconds_median=med, step_seconds_min=float(min(times)),
       step_seconds_max=float(max(times)),
@@ -480,8 +486,10 @@ def format_table(out: dict) -> str:
       ("XLA FLOPs / step (unrolled HLO)", _fmt(out["xla_flops_per_step"], "FLOP")),
       *([("attention products", out["attention_products"])]
         if "attention_products" in out else []),
+      *([("dropout masks", out["dropout_masks"])] if "dropout_masks" in out else []),
       ("compiled FLOPs / device" + loop_note + (
-          " (no gemm)" if out.get("attention_products", "XLA") != "XLA" else ""),
+          " (custom calls uncounted)" if "native" in out.get("dropout_masks", "XLA")
+          or out.get("attention_products", "XLA") != "XLA" else ""),
        _fmt(out["compiled_xla_flops_per_device"], "FLOP")),
       ("compiled bytes accessed / device" + loop_note,
        _fmt(out["compiled_xla_bytes_accessed_per_device"], "B")),
