@@ -20,7 +20,7 @@ from amos_jax.model import rng as rng_lib
 THRESHOLD = int(round(0.9 * 65536))
 # (rows, ..., n): n below, at and above the vector widths, not multiples of 4 too.
 SHAPES = [(3, 4, 8, 128), (3, 16, 256), (2, 5, 7), (2, 3, 1), (2, 2, 2), (2, 1, 3),
-          (2, 6, 67), (1, 2, 130), (2, 9, 257)]
+          (2, 6, 67), (1, 2, 130), (2, 9, 257), (2, 300, 130)]  # the last: 2 items per row
 
 
 def _native(rng, shape):
