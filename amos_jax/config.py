@@ -19,7 +19,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Choices of model.remat (True / False read as full / none), model.attention_impl,
 # train.rng_impl and model.dropout_impl.
 REMAT_CHOICES = ("auto", "none", "dots_saveable", "full", "true", "false")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "gemm")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "gemm", "fused")
 RNG_IMPLS = ("threefry", "rbg", "unsafe_rbg")
 DROPOUT_IMPLS = ("auto", "xla", "native")
 GRAD_ALLREDUCE = ("auto", "per_layer", "once")
@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
       vocab_size=30522, max_position_embeddings=512, type_vocab_size=2,
       hidden_dropout=0.1, attention_dropout=0.1, layer_norm_eps=1e-12,
       initializer_range=0.02, dtype="float32",
-      attention_impl="auto",  # auto | xla | cudnn (fused, NVIDIA GPUs) | gemm (CPU)
+      attention_impl="auto",  # auto | xla | cudnn (NVIDIA GPUs) | gemm | fused (CPU)
       dropout_impl="auto",    # auto | xla | native (CPU custom call): the same masks
       relative_attention_buckets=0, relative_attention_max_distance=128,
       scan_layers=True,       # lax.scan over layers: compile time flat in depth

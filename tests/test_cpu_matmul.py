@@ -147,8 +147,9 @@ def _mesh(**axes):
 def test_auto_picks_gemm_only_where_it_runs():
   resolve = attention.resolve_implementation
   one = _mesh(data=1, fsdp=1)
-  assert resolve("auto", jnp.float32, 64, platform="cpu", mesh=one) == "gemm"
-  assert resolve(None, jnp.float32, 64, platform="cpu", mesh=one) == "gemm"
+  # 'auto' prefers the fused kernel (test_cpu_attention.py), built on gemm's.
+  assert resolve("auto", jnp.float32, 64, platform="cpu", mesh=one) == "fused"
+  assert resolve(None, jnp.float32, 64, platform="cpu", mesh=one) == "fused"
   assert resolve("gemm", jnp.float32, 64, platform="cpu", mesh=one) == "gemm"
   # Another backend, another dtype, or a mesh XLA partitions itself: XLA's products.
   assert resolve("auto", jnp.float32, 64, platform="tpu", mesh=one) == "xla"
@@ -158,7 +159,7 @@ def test_auto_picks_gemm_only_where_it_runs():
   assert resolve("xla", jnp.float32, 64, platform="cpu", mesh=one) == "xla"
   # Inside shard_map (the one-all-reduce step) each device computes its own block.
   manual = AbstractMesh((2,), ("data",), axis_types=(AxisType.Manual,))
-  assert resolve("auto", jnp.float32, 64, platform="cpu", mesh=manual) == "gemm"
+  assert resolve("auto", jnp.float32, 64, platform="cpu", mesh=manual) == "fused"
   # The platform defaults to the mesh's: a TPU topology's step compiled on a CPU host.
   assert mesh_platform(one) == jax.default_backend()
 

@@ -129,16 +129,17 @@ def _electra_step(impl: str):
   from tests.helpers import tiny_train_step
   step, state, batch = tiny_train_step(
       "electra", num_layers=3, hidden_dropout=0.1, attention_dropout=0.1,
-      scan_layers=True, dropout_impl=impl)
+      scan_layers=True, dropout_impl=impl, attention_impl="gemm")
   text = step.lower(state, batch).as_text()
   _, metrics = step(state, batch)
   return text.count(f"@{rng_lib.NATIVE_KEEP}("), metrics
 
 
 def test_a_train_step_with_native_masks_is_xla_s():
-  """ELECTRA's step draws its hidden and attention dropout masks in the custom call
-  (embeddings 1 + per layer body 3, in each encoder), with XLA's loss and gradient
-  norm: the same masks, so the same numbers."""
+  """ELECTRA's step (gemm attention, which draws its masks apart) draws its hidden
+  and attention dropout masks in the custom call (embeddings 1 + per layer body 3,
+  in each encoder), with XLA's loss and gradient norm: the same masks, so the same
+  numbers."""
   calls, native = _electra_step("auto")
   none, xla = _electra_step("xla")
   assert none == 0 and calls == 2 * (1 + 3)

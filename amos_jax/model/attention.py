@@ -1,20 +1,26 @@
-"""Multi-head self-attention: XLA's, cuDNN's fused kernel, or our CPU kernel's products.
+"""Multi-head self-attention: XLA's, cuDNN's fused kernel, or our CPU kernels.
 
 The backend is chosen by config (`model.attention_impl`):
 - 'xla': `jax.nn.dot_product_attention`'s XLA form, every backend;
 - 'cudnn': cuDNN's fused kernel (NVIDIA GPUs, bfloat16/float16);
 - 'gemm': the two batched products through `cpu_matmul.einsum` (float32 on the CPU,
   the batch shared among the cores), softmax and masks as XLA's form computes them;
-- 'auto' (the default): cuDNN where it applies, else gemm where it applies, else XLA.
-Where the chosen one cannot run, it falls back to XLA with one warning. gemm needs
-the CPU, float32, a C++ compiler for its first build, and a step XLA does not
-partition itself: under a mesh with an automatically sharded axis of more than one
-device, or outside a mesh on several devices (arguments' shardings can partition
-the program there), XLA would see a custom call it cannot split (inside `shard_map`,
-where each device computes its own block, it runs). The packed-document mask is
-passed on every path. Attention-probability dropout has no fused form, so when it
-is active (training with `attention_dropout > 0`) the probabilities are computed
-explicitly (`ops.dropout_attention`), with XLA's products or the kernel's.
+- 'fused': scores, mask, softmax, dropout and context per (batch, head) in one CPU
+  custom call (`cpu_attention`), the backward pass another: no (B, N, T, S) array
+  is written to memory. It has no form for an attention bias (relative positions)
+  or dropout keys of another generator than threefry; there gemm runs instead;
+- 'auto' (the default): cuDNN where it applies, else fused (or gemm) where it
+  applies, else XLA.
+Where the chosen one cannot run, it falls back to XLA with one warning. The CPU
+kernels need the CPU, float32, a C++ compiler for their first build, and a step XLA
+does not partition itself: under a mesh with an automatically sharded axis of more
+than one device, or outside a mesh on several devices (arguments' shardings can
+partition the program there), XLA would see a custom call it cannot split (inside
+`shard_map`, where each device computes its own block, it runs). The
+packed-document mask is passed on every path. With attention-probability dropout
+(training with `attention_dropout > 0`) the XLA and gemm forms compute the
+probabilities explicitly (`ops.dropout_attention`); fused draws the same masks
+(`rng.dropout_keep`'s bits) inside its kernel.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from amos_jax.config import ATTENTION_IMPLS
-from amos_jax.model import cpu_matmul, ops
+from amos_jax.model import cpu_attention, cpu_matmul, ops
 from amos_jax.model import rng as rng_lib
 from amos_jax.model.partitioning import custom_call_partitioned, mesh_platform
 
@@ -89,11 +95,12 @@ def resolve_implementation(implementation: str | None, dtype, head_dim: int,
   if not why:
     failed = cpu_matmul.unavailable_reason()
     if not failed:
-      return "gemm"
-    why = f"the gemm custom call did not build ({failed})"
-  # 'auto' says nothing where gemm does not apply by design (another backend, another
-  # dtype, a partitioned mesh), only where it should have run and could not.
-  if implementation == "gemm" or failed:
+      return "gemm" if implementation == "gemm" else "fused"
+    why = f"the CPU custom calls did not build ({failed})"
+  # 'auto' says nothing where the CPU kernels do not apply by design (another
+  # backend, another dtype, a partitioned mesh), only where they should have run and
+  # could not.
+  if implementation in ("gemm", "fused") or failed:
     _warn_once(f"model.attention_impl={implementation}: {why}; using XLA attention")
   return "xla"
 
@@ -129,15 +136,31 @@ def relative_position_buckets(q_len: int, k_len: int, num_buckets: int,
 def dot_product_attention(q, k, v, mask, bias=None, *, dropout_rate=0.0,
                           dropout_rng=None, implementation=None, dropout_impl=None):
   """q, k, v: (B, T, N, Dh); mask: (B, 1, T, T) bool; bias: (1|B, N, T, T) -> (B, T, N, Dh)."""
+  requested = implementation
   implementation = resolve_implementation(implementation, q.dtype, q.shape[-1])
+  dropout = dropout_rng is not None and dropout_rate > 0.0
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  if implementation == "fused":
+    why = ("an attention bias (relative positions)" if bias is not None else
+           "dropout keys of another generator than threefry"
+           if dropout and not rng_lib.is_threefry(dropout_rng) else "")
+    if not why:
+      threshold = rng_lib.keep_threshold(dropout_rate) if dropout else None
+      ctx = cpu_attention.attention(
+          q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask,
+          cpu_attention.key_words(dropout_rng if dropout else None), scale, threshold)
+      return checkpoint_name(ctx.astype(v.dtype), ATTENTION_PRODUCT)
+    if requested == "fused":
+      _warn_once(f"model.attention_impl=fused: the fused kernel has no form for {why}; "
+                 "running its products in the gemm kernel")
+    implementation = "gemm"
   gemm = implementation == "gemm"
   if gemm:
     einsum = lambda spec, x, y: checkpoint_name(cpu_matmul.einsum(spec, x, y),
                                                 ATTENTION_PRODUCT)
   else:
     einsum = jnp.einsum
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  if dropout_rng is not None and dropout_rate > 0.0:
+  if dropout:
     logits = einsum("btnd,bsnd->bnts", q, k).astype(jnp.float32) * scale
     if bias is not None:
       logits = logits + bias

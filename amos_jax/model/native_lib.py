@@ -1,7 +1,8 @@
 """The C++ custom calls for XLA:CPU in `native/`, built into one library on first use.
 
-`native/batched_matmul.cc` (attention's products, `cpu_matmul`) and
-`native/dropout_keep.cc` (dropout's keep masks, `rng`) are compiled together with
+`native/batched_matmul.cc` (attention's products, `cpu_matmul`),
+`native/dropout_keep.cc` (dropout's keep masks, `rng`) and `native/attention.cc`
+(attention's fused core, `cpu_attention`) are compiled together with
 the system C++ compiler against jaxlib's FFI headers, cached under
 `cache_root()/native/<hash of sources, flags, jax>/` and written atomically (several
 processes may race to build it). `load()` builds, loads and registers every target
@@ -22,12 +23,18 @@ import jax
 from amos_jax import paths
 
 _DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
-SOURCES = tuple(os.path.join(_DIR, f) for f in ("batched_matmul.cc", "dropout_keep.cc"))
-_HEADERS = (os.path.join(_DIR, "parallel.h"),)
+SOURCES = tuple(os.path.join(_DIR, f)
+                for f in ("batched_matmul.cc", "dropout_keep.cc", "attention.cc"))
+_HEADERS = tuple(os.path.join(_DIR, f) for f in ("kernels.h", "parallel.h"))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 # FFI target name -> the handler symbol the library exports.
 TARGETS = {"amos_batched_matmul": "AmosBatchedMatmul",
-           "amos_dropout_keep": "AmosDropoutKeep"}
+           "amos_dropout_keep": "AmosDropoutKeep",
+           "amos_attention_fwd": "AmosAttentionForward",
+           "amos_attention_bwd": "AmosAttentionBackward"}
+# The kernels each file compiles per ISA: `<name>_isa()` says which one runs,
+# `<name>_use_isa(name)` switches (tests compare them).
+KERNELS = ("amos_batched_matmul", "amos_dropout_keep", "amos_attention")
 
 
 def library_path() -> str:
@@ -70,10 +77,9 @@ def _load() -> str:
     if not os.path.exists(target):
       _compile(target)
     lib = ctypes.CDLL(target)
-    for fn in ("amos_batched_matmul_isa", "amos_dropout_keep_isa"):
-      getattr(lib, fn).restype = ctypes.c_char_p
-    for fn in ("amos_batched_matmul_use_isa", "amos_dropout_keep_use_isa"):
-      getattr(lib, fn).argtypes = [ctypes.c_char_p]
+    for kernel in KERNELS:
+      getattr(lib, f"{kernel}_isa").restype = ctypes.c_char_p
+      getattr(lib, f"{kernel}_use_isa").argtypes = [ctypes.c_char_p]
     for name, symbol in TARGETS.items():
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)),
                                   platform="cpu")

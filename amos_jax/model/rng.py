@@ -48,7 +48,7 @@ def draw(sampler: Callable[[jax.Array, tuple], jax.Array], rng: jax.Array,
   # vmap over threefry keys gives each row what its key alone gives; the
   # RngBitGenerator-based 'rbg' and 'unsafe_rbg' batch their bits differently under
   # vmap, so they draw row by row.
-  if _is_threefry(rng):
+  if is_threefry(rng):
     return jax.vmap(lambda k: sampler(k, shape[1:]))(rng)
   return jax.lax.map(lambda k: sampler(k, shape[1:]), rng)
 
@@ -78,7 +78,7 @@ def threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array):
   return x1, x2
 
 
-def _is_threefry(key: jax.Array) -> bool:
+def is_threefry(key: jax.Array) -> bool:
   """Whether `key` (one key or a batch of them) is threefry: typed with that
   generator, or raw uint32 pairs (a raw rbg key is uint32[4])."""
   if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -110,7 +110,7 @@ def uniform(key: jax.Array, shape: Sequence[int], minval: float = 0.0,
   with a threefry key (23 random mantissa bits of w1 ^ w2), from the written-out
   hash so that XLA fuses it into the consumer. Other generators: JAX's own."""
   shape = tuple(shape)
-  if not _is_threefry(key):
+  if not is_threefry(key):
     return jax.random.uniform(key, shape, jnp.float32, minval, maxval)
   w1, w2 = bits_2x32(key, shape)
   one = np.float32(1.0).view(np.uint32)
@@ -129,7 +129,7 @@ def _keep_bits(key: jax.Array, shape: tuple, threshold: int) -> jax.Array:
   each); with another generator, 32-bit words from `jax.random.bits` give two.
   """
   n = shape[-1]
-  if _is_threefry(key):
+  if is_threefry(key):
     w1, w2 = bits_2x32(key, shape[:-1] + ((n + 3) // 4,))
     parts = (w1 & 0xFFFF, w1 >> 16, w2 & 0xFFFF, w2 >> 16)
   else:
@@ -166,7 +166,7 @@ def resolve_dropout_impl(implementation: str | None, rng: jax.Array, platform: s
   mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
   platform = platform or partitioning.mesh_platform(mesh)
   why, failed = "", ""
-  if not _is_threefry(rng):
+  if not is_threefry(rng):
     why = "the native masks hash threefry keys, not train.rng_impl's"
   elif platform != "cpu":
     why = f"the native masks run on the CPU, not {platform}"
@@ -193,6 +193,14 @@ def _native_keep(rng: jax.Array, shape: tuple, threshold: int) -> jax.Array:
       keys, n=np.int64(shape[-1]), threshold=np.int64(threshold))
 
 
+def keep_threshold(rate: float) -> int:
+  """Dropout at `rate` keeps a position where its 16 random bits are below this."""
+  threshold = int(round((1.0 - rate) * 65536))
+  if not 0 < threshold < 65536:
+    raise ValueError(f"dropout rate {rate} must be in (0, 1)")
+  return threshold
+
+
 def dropout_keep(rng: jax.Array, rate: float, shape: Sequence[int],
                  implementation: str | None = None):
   """(keep mask of `shape`, 1 / keep probability) for dropout at `rate`.
@@ -205,9 +213,7 @@ def dropout_keep(rng: jax.Array, rate: float, shape: Sequence[int],
   the bits are computed, never which.
   """
   shape = tuple(shape)
-  threshold = int(round((1.0 - rate) * 65536))
-  if not 0 < threshold < 65536:
-    raise ValueError(f"dropout rate {rate} must be in (0, 1)")
+  threshold = keep_threshold(rate)
   row_shape = shape[1:] if _is_batched(rng) else shape
   counters = int(np.prod(row_shape[:-1], dtype=np.int64)) * ((row_shape[-1] + 3) // 4)
   if (row_shape and 0 not in shape and counters < 2 ** 32

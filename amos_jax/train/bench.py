@@ -314,7 +314,7 @@ def run(config, args) -> dict:
   import jax
   from amos_jax import config as config_lib
   from amos_jax import hostcpu
-  from amos_jax.model import cpu_matmul, native_lib
+  from amos_jax.model import cpu_attention, cpu_matmul, native_lib
   from amos_jax.model import rng as rng_lib
   from amos_jax.model.partitioning import axis_rules
   from amos_jax.objectives import get_objective
@@ -344,6 +344,7 @@ def run(config, args) -> dict:
   report.update(timings)
   text = compiled.as_text()
   gemm = cpu_matmul.TARGET in text
+  fused = cpu_attention.FORWARD in text
   native_masks = rng_lib.NATIVE_KEEP in text
   t = config.train
   med = float(np.median(times))
@@ -357,7 +358,8 @@ def run(config, args) -> dict:
   out.update(
       mode="measured", backend=device.platform, device_kind=device.device_kind, devices=n,
       processes=jax.process_count(),
-      attention_products=f"gemm ({cpu_matmul.isa()})" if gemm else "XLA",
+      attention_products=(f"fused ({cpu_attention.isa()})" if fused else
+                          f"gemm ({cpu_matmul.isa()})" if gemm else "XLA"),
       dropout_masks=(f"native ({native_lib.load().amos_dropout_keep_isa().decode()})"
                      if native_masks else "XLA"),
       init_seconds=init_seconds,

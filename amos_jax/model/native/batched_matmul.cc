@@ -20,60 +20,11 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-
-// The kernel, for a vector of W floats and R rows per block. Included once per ISA.
-#define AMOS_GEMM_KERNEL(W_, R_)                                                        \
-  constexpr int W = W_;                                                                 \
-  constexpr int R = R_;                                                                 \
-  typedef float V __attribute__((vector_size(W * 4)));                                  \
-                                                                                        \
-  /* C[i0:i0+rows, j:j+vecs*W] of A (element (i, p) at a[i * ars + p * acs]) @ B      \
-     (k x n, row stride ldb, unit columns); C row stride ldc. */                        \
-  template <int ROWS, int VECS>                                                         \
-  inline void Block(const float* a, int64_t ars, int64_t acs, const float* b,          \
-                    int64_t ldb, float* c, int64_t ldc, int64_t i0, int64_t j,         \
-                    int64_t k) {                                                        \
-    V acc[ROWS][VECS];                                                                  \
-    for (int r = 0; r < ROWS; ++r)                                                      \
-      for (int v = 0; v < VECS; ++v) acc[r][v] = V{};                                   \
-    for (int64_t p = 0; p < k; ++p) {                                                   \
-      V bv[VECS];                                                                       \
-      for (int v = 0; v < VECS; ++v) std::memcpy(&bv[v], b + p * ldb + j + v * W, sizeof(V)); \
-      for (int r = 0; r < ROWS; ++r) {                                                  \
-        const V av = V{} + a[(i0 + r) * ars + p * acs];                                 \
-        for (int v = 0; v < VECS; ++v) acc[r][v] += av * bv[v];                         \
-      }                                                                                 \
-    }                                                                                   \
-    for (int r = 0; r < ROWS; ++r)                                                      \
-      for (int v = 0; v < VECS; ++v)                                                    \
-        std::memcpy(c + (i0 + r) * ldc + j + v * W, &acc[r][v], sizeof(V));             \
-  }                                                                                     \
-                                                                                        \
-  template <int VECS>                                                                   \
-  inline void Columns(const float* a, int64_t ars, int64_t acs, const float* b,        \
-                      int64_t ldb, float* c, int64_t ldc, int64_t j, int64_t m,         \
-                      int64_t k) {                                                      \
-    int64_t i = 0;                                                                      \
-    for (; i + R <= m; i += R) Block<R, VECS>(a, ars, acs, b, ldb, c, ldc, i, j, k);    \
-    for (; i < m; ++i) Block<1, VECS>(a, ars, acs, b, ldb, c, ldc, i, j, k);            \
-  }                                                                                     \
-                                                                                        \
-  void Gemm(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb,     \
-            float* c, int64_t ldc, int64_t m, int64_t n, int64_t k) {                   \
-    int64_t j = 0;                                                                      \
-    for (; j + 2 * W <= n; j += 2 * W) Columns<2>(a, ars, acs, b, ldb, c, ldc, j, m, k); \
-    for (; j + W <= n; j += W) Columns<1>(a, ars, acs, b, ldb, c, ldc, j, m, k);        \
-    for (; j < n; ++j)                                                                  \
-      for (int64_t i = 0; i < m; ++i) {                                                 \
-        float s = 0.0f;                                                                 \
-        for (int64_t p = 0; p < k; ++p) s += a[i * ars + p * acs] * b[p * ldb + j];     \
-        c[i * ldc + j] = s;                                                             \
-      }                                                                                 \
-  }
 
 namespace {
 

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kernels.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -27,62 +28,24 @@ struct Isa {
   KeepFn keep;
 };
 
-// Rows p0 <= p < p1 of one key's mask (n decisions each, at out + p * n).
-#define AMOS_KEEP_KERNEL(W_)                                                            \
-  constexpr int W = W_;                                                                 \
-  typedef uint32_t Vec __attribute__((vector_size(4 * W)));                             \
-  inline Vec Rotl(Vec x, int r) { return (x << r) | (x >> (32 - r)); }                  \
-  void Keep(uint32_t k1, uint32_t k2, uint32_t threshold, int64_t n, int64_t p0,       \
-            int64_t p1, bool* out) {                                                    \
-    static const int kRot[2][4] = {{13, 15, 26, 6}, {17, 29, 16, 24}};                  \
-    const uint32_t ks[3] = {k1, k2, k1 ^ k2 ^ 0x1BD11BDAu};                             \
-    const int64_t m = (n + 3) / 4;                                                      \
-    Vec lane;                                                                           \
-    for (int l = 0; l < W; ++l) lane[l] = l;                                            \
-    for (int64_t p = p0; p < p1; ++p) {                                                 \
-      bool* row = out + p * n;                                                          \
-      for (int64_t q = 0; q < m; q += W) {                                              \
-        Vec x1 = Vec{} + ks[0];                                                         \
-        Vec x2 = lane + static_cast<uint32_t>(p * m + q) + ks[1];                       \
-        for (int i = 0; i < 5; ++i) {                                                   \
-          for (int j = 0; j < 4; ++j) {                                                 \
-            x1 += x2;                                                                   \
-            x2 = Rotl(x2, kRot[i % 2][j]) ^ x1;                                         \
-          }                                                                             \
-          x1 += ks[(i + 1) % 3];                                                        \
-          x2 += ks[(i + 2) % 3] + static_cast<uint32_t>(i + 1);                         \
-        }                                                                               \
-        const Vec halves[4] = {x1 & 0xFFFFu, x1 >> 16, x2 & 0xFFFFu, x2 >> 16};         \
-        for (int h = 0; h < 4; ++h) {                                                   \
-          const Vec keep = (halves[h] < threshold) & 1;                                 \
-          const int64_t j0 = h * m + q;                                                 \
-          if (q + W <= m && j0 + W <= n) {                                              \
-            unsigned char bytes[W];                                                     \
-            for (int l = 0; l < W; ++l) bytes[l] = static_cast<unsigned char>(keep[l]); \
-            std::memcpy(row + j0, bytes, W);                                            \
-          } else {                                                                      \
-            for (int l = 0; l < W && q + l < m && j0 + l < n; ++l) row[j0 + l] = keep[l]; \
-          }                                                                             \
-        }                                                                               \
-      }                                                                                 \
-    }                                                                                   \
-  }
-
 namespace generic {
-AMOS_KEEP_KERNEL(4)
+constexpr int W = 4;
+AMOS_KEEP_ROWS
 }  // namespace generic
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC push_options
 #pragma GCC target("avx2")
 namespace avx2 {
-AMOS_KEEP_KERNEL(8)
+constexpr int W = 8;
+AMOS_KEEP_ROWS
 }  // namespace avx2
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl")
 namespace avx512 {
-AMOS_KEEP_KERNEL(16)
+constexpr int W = 16;
+AMOS_KEEP_ROWS
 }  // namespace avx512
 #pragma GCC pop_options
 #endif
@@ -121,7 +84,7 @@ ffi::Error DropoutKeep(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> keys,
   amos_native::ParallelFor(pool, rows * items_per_row, [=](int64_t i) {
     const int64_t r = i / items_per_row, p0 = (i % items_per_row) * per_item;
     fn(k[2 * r], k[2 * r + 1], static_cast<uint32_t>(threshold), n, p0,
-       std::min(prefixes, p0 + per_item), out + r * prefixes * n);
+       std::min(prefixes, p0 + per_item), out + (r * prefixes + p0) * n);
   });
   return ffi::Error::Success();
 }

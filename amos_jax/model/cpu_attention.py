@@ -1,0 +1,70 @@
+"""Attention's core fused in one CPU custom call: `attention(q, k, v, mask, ...)`.
+
+softmax(where(mask, scale * q k^T, lowest)), dropped with the masks
+`rng.dropout_keep` draws for its (B, N, T, S) shape, times v, per (batch, head) in
+one work item whose T x S tile stays in the core's cache (`native/attention.cc`):
+no (B, N, T, S) logits, probabilities or masks are written to memory, and the
+backward pass (a second custom call) computes the tile again from q and k, as flash
+attention does. Its products are `cpu_matmul`'s kernel. float32 on the CPU; q
+(B, T, N, Dh), k and v (B, S, N, Dh), mask bool (1|B, 1, T, S).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amos_jax.model import native_lib
+
+FORWARD, BACKWARD = "amos_attention_fwd", "amos_attention_bwd"
+
+
+def isa() -> str:
+  """The kernel this CPU runs: 'avx512', 'avx2' or 'generic' ('' if unavailable)."""
+  if native_lib.unavailable_reason():
+    return ""
+  return native_lib.load().amos_attention_isa().decode()
+
+
+def key_words(rng: jax.Array | None) -> jax.Array:
+  """A threefry key, or one per row, as (1|B, 2) uint32 (zeros without dropout)."""
+  if rng is None:
+    return jnp.zeros((1, 2), jnp.uint32)
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.key_data(rng)
+  return rng.reshape(-1, 2).astype(jnp.uint32)
+
+
+def _attrs(scale, threshold):
+  return dict(scale=np.float32(scale), threshold=np.int64(threshold or 0),
+              dropout=np.int64(threshold is not None))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def attention(q, k, v, mask, keys, scale: float, threshold: int | None) -> jax.Array:
+  """(B, T, N, Dh) context. keys: `key_words(dropout_rng)`; threshold: dropout keeps a
+  position where its 16 random bits are below it (`rng.dropout_keep`), None for no
+  dropout. Differentiable in q, k and v."""
+  return jax.ffi.ffi_call(FORWARD, jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                          vmap_method="sequential")(
+      q, k, v, mask, keys, **_attrs(scale, threshold))
+
+
+def _attention_fwd(q, k, v, mask, keys, scale, threshold):
+  return attention(q, k, v, mask, keys, scale, threshold), (q, k, v, mask, keys)
+
+
+def _attention_bwd(scale, threshold, residuals, g):
+  q, k, v, mask, keys = residuals
+  dq, dk, dv = jax.ffi.ffi_call(
+      BACKWARD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                 jax.ShapeDtypeStruct(k.shape, jnp.float32),
+                 jax.ShapeDtypeStruct(v.shape, jnp.float32)),
+      vmap_method="sequential")(q, k, v, mask, keys, g.astype(jnp.float32),
+                                **_attrs(scale, threshold))
+  return dq, dk, dv, None, None
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
