@@ -169,3 +169,19 @@ def test_step_profile_splits_wall_time_among_running_kernels():
   index = hlo_index(text)
   assert index["dot.1"] == ("f32[4,4]{1,0}", "jit(f)/dot", "body.3")
   assert index["w"][2] == "main.9"
+
+
+def test_attention_core_benchmark_times_every_form():
+  """benchmarks/attention_core.py runs (tiny sizes): each mask shape and each
+  attention form gets a time."""
+  import subprocess
+  import sys
+  r = subprocess.run(
+      [sys.executable, f"{ROOT}/benchmarks/attention_core.py", "--batch", "2", "--seq",
+       "16", "--heads", "2", "--head_dim", "8", "--rounds", "2"],
+      capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = r.stdout
+  assert out.count("x\n") == 4, out  # four mask shapes, each with its ratio
+  for impl in ("xla", "gemm", "fused"):
+    assert f"{impl} forward+backward" in out and f"{impl} forward " in out, out
