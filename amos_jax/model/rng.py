@@ -153,7 +153,7 @@ def resolve_dropout_impl(implementation: str | None, rng: jax.Array, platform: s
   a mesh), as attention's choice.
 
   'native' hashes the same threefry counters as 'xla' in a CPU custom call
-  (`native/dropout_keep.cc`): equal masks, about 6-11x as fast as XLA's fusion. It
+  (`native/dropout_keep.cc`): equal masks, 3-11x as fast as XLA's fusion alone. It
   needs a threefry key, the CPU, a program XLA does not partition itself
   (`partitioning.custom_call_partitioned`) and the library built; where an explicit
   'native' cannot run, XLA's form draws them, with one warning.
