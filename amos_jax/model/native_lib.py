@@ -25,7 +25,7 @@ from amos_jax import paths
 _DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 SOURCES = tuple(os.path.join(_DIR, f)
                 for f in ("batched_matmul.cc", "dropout_keep.cc", "attention.cc"))
-_HEADERS = tuple(os.path.join(_DIR, f) for f in ("kernels.h", "parallel.h"))
+_HEADERS = tuple(os.path.join(_DIR, f) for f in ("isa.h", "kernels.h", "parallel.h"))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 # FFI target name -> the handler symbol the library exports.
 TARGETS = {"amos_batched_matmul": "AmosBatchedMatmul",

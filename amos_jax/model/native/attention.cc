@@ -20,6 +20,7 @@
 #include <cstring>
 #include <vector>
 
+#include "isa.h"
 #include "kernels.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -215,7 +216,7 @@ AMOS_KEEP_ROWS
 AMOS_ATTENTION_KERNEL
 }  // namespace generic
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if AMOS_NATIVE_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
@@ -240,21 +241,15 @@ struct Isa {
   BackwardFn backward;
 };
 
-Isa BestIsa() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl")) {
-    return {"avx512", avx512::Forward, avx512::Backward};
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    return {"avx2", avx2::Forward, avx2::Backward};
-  }
+// Best first.
+const Isa kIsas[] = {
+#if AMOS_NATIVE_X86
+    {"avx512", avx512::Forward, avx512::Backward},
+    {"avx2", avx2::Forward, avx2::Backward},
 #endif
-  return {"generic", generic::Forward, generic::Backward};
-}
+    {"generic", generic::Forward, generic::Backward}};
 
-Isa g_isa = BestIsa();
+Isa g_isa = amos_native::Best(kIsas);
 
 ffi::Error MakeShape(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
                      const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::PRED>& mask,
@@ -338,22 +333,7 @@ extern "C" const char* amos_attention_isa() { return g_isa.name; }
 // Runs another compiled kernel (tests). Returns 0 when `name` is not compiled in or
 // the CPU lacks it.
 extern "C" int amos_attention_use_isa(const char* name) {
-  const Isa best = BestIsa();
-  const Isa candidates[] = {
-#if defined(__x86_64__) && defined(__GNUC__)
-      {"avx512", avx512::Forward, avx512::Backward},
-      {"avx2", avx2::Forward, avx2::Backward},
-#endif
-      {"generic", generic::Forward, generic::Backward}};
-  bool reachable = false;  // candidates are ordered best first
-  for (const Isa& isa : candidates) {
-    reachable = reachable || std::strcmp(isa.name, best.name) == 0;
-    if (reachable && std::strcmp(isa.name, name) == 0) {
-      g_isa = isa;
-      return 1;
-    }
-  }
-  return 0;
+  return amos_native::Use(kIsas, name, &g_isa);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AmosAttentionForward, AttentionForward,

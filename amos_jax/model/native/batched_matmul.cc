@@ -20,6 +20,7 @@
 #include <cstring>
 #include <vector>
 
+#include "isa.h"
 #include "kernels.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -35,7 +36,7 @@ namespace generic {
 AMOS_GEMM_KERNEL(4, 4)
 }  // namespace generic
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if AMOS_NATIVE_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
@@ -57,18 +58,15 @@ struct Isa {
   GemmFn gemm;
 };
 
-Isa BestIsa() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return {"avx512", avx512::Gemm};
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    return {"avx2", avx2::Gemm};
-  }
+// Best first.
+const Isa kIsas[] = {
+#if AMOS_NATIVE_X86
+    {"avx512", avx512::Gemm},
+    {"avx2", avx2::Gemm},
 #endif
-  return {"generic", generic::Gemm};
-}
+    {"generic", generic::Gemm}};
 
-Isa g_isa = BestIsa();
+Isa g_isa = amos_native::Best(kIsas);
 
 struct Operand {
   int64_t s0, s1, ld, t;
@@ -135,22 +133,7 @@ extern "C" const char* amos_batched_matmul_isa() { return g_isa.name; }
 // Runs another compiled kernel (tests: every ISA the CPU has gives the same
 // products). Returns 0 when `name` is not compiled in or the CPU lacks it.
 extern "C" int amos_batched_matmul_use_isa(const char* name) {
-  const Isa best = BestIsa();
-  const Isa candidates[] = {
-#if defined(__x86_64__) && defined(__GNUC__)
-      {"avx512", avx512::Gemm},
-      {"avx2", avx2::Gemm},
-#endif
-      {"generic", generic::Gemm}};
-  bool reachable = false;  // candidates are ordered best first
-  for (const Isa& isa : candidates) {
-    reachable = reachable || std::strcmp(isa.name, best.name) == 0;
-    if (reachable && std::strcmp(isa.name, name) == 0) {
-      g_isa = isa;
-      return 1;
-    }
-  }
-  return 0;
+  return amos_native::Use(kIsas, name, &g_isa);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AmosBatchedMatmul, BatchedMatmul,

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "isa.h"
 #include "kernels.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -23,17 +24,12 @@ namespace {
 
 using KeepFn = void (*)(uint32_t, uint32_t, uint32_t, int64_t, int64_t, int64_t, bool*);
 
-struct Isa {
-  const char* name;
-  KeepFn keep;
-};
-
 namespace generic {
 constexpr int W = 4;
 AMOS_KEEP_ROWS
 }  // namespace generic
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if AMOS_NATIVE_X86
 #pragma GCC push_options
 #pragma GCC target("avx2")
 namespace avx2 {
@@ -50,19 +46,20 @@ AMOS_KEEP_ROWS
 #pragma GCC pop_options
 #endif
 
-Isa BestIsa() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl")) {
-    return {"avx512", avx512::Keep};
-  }
-  if (__builtin_cpu_supports("avx2")) return {"avx2", avx2::Keep};
-#endif
-  return {"generic", generic::Keep};
-}
+struct Isa {
+  const char* name;
+  KeepFn keep;
+};
 
-Isa g_isa = BestIsa();
+// Best first.
+const Isa kIsas[] = {
+#if AMOS_NATIVE_X86
+    {"avx512", avx512::Keep},
+    {"avx2", avx2::Keep},
+#endif
+    {"generic", generic::Keep}};
+
+Isa g_isa = amos_native::Best(kIsas);
 
 // About this many decisions per work item: enough to amortize claiming it.
 constexpr int64_t kItemDecisions = 1 << 15;
@@ -97,22 +94,7 @@ extern "C" const char* amos_dropout_keep_isa() { return g_isa.name; }
 // Runs another compiled kernel (tests: every ISA the CPU has gives the same bits).
 // Returns 0 when `name` is not compiled in or the CPU lacks it.
 extern "C" int amos_dropout_keep_use_isa(const char* name) {
-  const Isa best = BestIsa();
-  const Isa candidates[] = {
-#if defined(__x86_64__) && defined(__GNUC__)
-      {"avx512", avx512::Keep},
-      {"avx2", avx2::Keep},
-#endif
-      {"generic", generic::Keep}};
-  bool reachable = false;  // candidates are ordered best first
-  for (const Isa& isa : candidates) {
-    reachable = reachable || std::strcmp(isa.name, best.name) == 0;
-    if (reachable && std::strcmp(isa.name, name) == 0) {
-      g_isa = isa;
-      return 1;
-    }
-  }
-  return 0;
+  return amos_native::Use(kIsas, name, &g_isa);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AmosDropoutKeep, DropoutKeep,

@@ -1,0 +1,56 @@
+// Choosing among kernels compiled once per ISA (AVX-512, AVX2 + FMA, the baseline),
+// for the custom calls in this directory: each keeps a table of its kernels, best
+// first, and runs the best one this CPU has; tests switch to the others.
+#ifndef AMOS_JAX_NATIVE_ISA_H_
+#define AMOS_JAX_NATIVE_ISA_H_
+
+#include <cstddef>
+#include <cstring>
+
+namespace amos_native {
+
+// The best ISA this CPU runs among those the kernels are compiled for.
+inline const char* CpuIsa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl")) {
+    return "avx512";
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
+#endif
+  return "generic";
+}
+
+// The entry of `table` (entries with a `name`, best first, "generic" last) for
+// this CPU.
+template <typename Kernels, size_t K>
+Kernels Best(const Kernels (&table)[K]) {
+  for (const Kernels& k : table)
+    if (std::strcmp(k.name, CpuIsa()) == 0) return k;
+  return table[K - 1];
+}
+
+// Sets *chosen to the entry named `name` if this CPU runs it; false otherwise.
+template <typename Kernels, size_t K>
+bool Use(const Kernels (&table)[K], const char* name, Kernels* chosen) {
+  bool reachable = false;  // entries from this CPU's best on are
+  for (const Kernels& k : table) {
+    reachable = reachable || std::strcmp(k.name, CpuIsa()) == 0;
+    if (reachable && std::strcmp(k.name, name) == 0) {
+      *chosen = k;
+      return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace amos_native
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define AMOS_NATIVE_X86 1
+#else
+#define AMOS_NATIVE_X86 0
+#endif
+
+#endif  // AMOS_JAX_NATIVE_ISA_H_
