@@ -117,11 +117,13 @@ def test_auto_picks_fused_where_the_cpu_kernels_run():
   assert resolve("fused", jnp.float32, 64, platform="cpu", mesh=_mesh(data=2)) == "xla"
 
 
-@pytest.mark.parametrize("case", ["bias", "rbg"])
+@pytest.mark.parametrize("case", ["bias", "rbg", "mask"])
 def test_where_fused_has_no_form_gemm_runs_with_one_warning(case, caplog):
   q, k, v, mask, w = _inputs(2, 8, 8, 2, 4)
   bias = jnp.ones((1, 2, 8, 8)) if case == "bias" else None
   rng = jax.random.key(0, impl="rbg") if case == "rbg" else jax.random.key(0)
+  if case == "mask":  # one mask per head
+    mask = np.broadcast_to(mask, (2, 2, 8, 8)).copy()
   attention._warn_once.cache_clear()
   with caplog.at_level("WARNING", logger="amos_jax"):
     text = jax.jit(lambda q: attention.dot_product_attention(
@@ -129,7 +131,7 @@ def test_where_fused_has_no_form_gemm_runs_with_one_warning(case, caplog):
         implementation="fused")).lower(q).as_text()
   assert cpu_attention.FORWARD not in text and "amos_batched_matmul" in text
   assert "attention_impl=fused" in caplog.text
-  assert ("bias" if case == "bias" else "threefry") in caplog.text
+  assert {"bias": "bias", "rbg": "threefry", "mask": "(2, 2, 8, 8)"}[case] in caplog.text
   attention._warn_once.cache_clear()
 
 

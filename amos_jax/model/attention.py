@@ -133,6 +133,21 @@ def relative_position_buckets(q_len: int, k_len: int, num_buckets: int,
   return bucket + jnp.where(is_small, n, large)
 
 
+def _fused_has_no_form(q, k, mask, bias, dropout_rng) -> str:
+  """What of this call the fused kernel cannot compute ('' when it can)."""
+  b, t, n, _ = q.shape
+  s = k.shape[1]
+  if bias is not None:
+    return "an attention bias (relative positions)"
+  if tuple(mask.shape) not in ((b, 1, t, s), (1, 1, t, s)):
+    return f"a mask of shape {tuple(mask.shape)}"
+  if dropout_rng is not None and not rng_lib.is_threefry(dropout_rng):
+    return "dropout keys of another generator than threefry"
+  if n * t * ((s + 3) // 4) >= 2 ** 32:  # dropout's counters per row are uint32
+    return "2^32 or more dropout counters per row"
+  return ""
+
+
 def dot_product_attention(q, k, v, mask, bias=None, *, dropout_rate=0.0,
                           dropout_rng=None, implementation=None, dropout_impl=None):
   """q, k, v: (B, T, N, Dh); mask: (B, 1, T, T) bool; bias: (1|B, N, T, T) -> (B, T, N, Dh)."""
@@ -141,13 +156,12 @@ def dot_product_attention(q, k, v, mask, bias=None, *, dropout_rate=0.0,
   dropout = dropout_rng is not None and dropout_rate > 0.0
   scale = 1.0 / math.sqrt(q.shape[-1])
   if implementation == "fused":
-    why = ("an attention bias (relative positions)" if bias is not None else
-           "dropout keys of another generator than threefry"
-           if dropout and not rng_lib.is_threefry(dropout_rng) else "")
+    why = _fused_has_no_form(q, k, mask, bias, dropout_rng if dropout else None)
     if not why:
       threshold = rng_lib.keep_threshold(dropout_rate) if dropout else None
       ctx = cpu_attention.attention(
-          q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask,
+          q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+          mask.astype(bool),
           cpu_attention.key_words(dropout_rng if dropout else None), scale, threshold)
       return checkpoint_name(ctx.astype(v.dtype), ATTENTION_PRODUCT)
     if requested == "fused":
