@@ -157,3 +157,25 @@ def test_a_train_step_with_fused_attention_is_xla_s(remat):
   assert calls == ((2, 2) if remat == "dots_saveable" else (4, 2))
   for key in ("loss", "grad_norm"):
     np.testing.assert_allclose(fused[key], xla[key], rtol=1e-5, err_msg=key)
+
+
+_FIRST_CALL_CHILD = """
+import jax, jax.numpy as jnp
+from amos_jax.model import cpu_attention
+from amos_jax.model import rng as rng_lib
+q = jnp.ones((1, 4, 1, 8))
+mask = jnp.ones((1, 1, 4, 4), bool)
+print(cpu_attention.attention(q, q, q, mask, cpu_attention.key_words(None), 0.3, None).shape)
+print(rng_lib._native_keep(jax.random.key(0), (3, 5), 40000).shape)
+"""
+
+
+def test_the_custom_calls_load_their_library_on_their_first_call():
+  """Called first thing in a process, before anything resolved an implementation
+  (which loads the library), they still find their FFI targets registered."""
+  import subprocess
+  import sys
+  r = subprocess.run([sys.executable, "-c", _FIRST_CALL_CHILD], capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.split("\n")[:2] == ["(1, 4, 1, 8)", "(3, 5)"], r.stdout

@@ -47,6 +47,7 @@ def attention(q, k, v, mask, keys, scale: float, threshold: int | None) -> jax.A
   """(B, T, N, Dh) context. keys: `key_words(dropout_rng)`; threshold: dropout keeps a
   position where its 16 random bits are below it (`rng.dropout_keep`), None for no
   dropout. Differentiable in q, k and v."""
+  native_lib.load()  # built and registered (RuntimeError saying why not)
   return jax.ffi.ffi_call(FORWARD, jax.ShapeDtypeStruct(q.shape, jnp.float32),
                           vmap_method="sequential")(
       q, k, v, mask, keys, **_attrs(scale, threshold))

@@ -185,6 +185,7 @@ def resolve_dropout_impl(implementation: str | None, rng: jax.Array, platform: s
 def _native_keep(rng: jax.Array, shape: tuple, threshold: int) -> jax.Array:
   """_keep_bits' masks for one key (shape) or a key per row (shape[0] rows), drawn
   in the custom call: the keys' data is (rows, 2) uint32."""
+  native_lib.load()  # built and registered (RuntimeError saying why not)
   if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.key_data(rng)
   keys = rng.reshape(-1, 2).astype(jnp.uint32)
