@@ -47,23 +47,32 @@ def library_path() -> str:
 
 
 def _compile(target: str) -> None:
-  """Compiles the sources into `target`, atomically."""
+  """Compiles the sources into `target`, atomically: each source to an object file
+  in a private temporary folder, all at once (one compiler process per source, about
+  half the time on two cores), then links them."""
   compiler = os.environ.get("CXX", "c++")
   os.makedirs(os.path.dirname(target), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(target))
-  os.close(fd)
-  cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *SOURCES, "-o", tmp]
-  try:
-    done = subprocess.run(cmd, capture_output=True, text=True)
-  except FileNotFoundError:
-    os.unlink(tmp)
-    raise RuntimeError(f"no C++ compiler ({compiler}) was found: install g++ "
-                       "or set CXX") from None
-  if done.returncode != 0:
-    os.unlink(tmp)
-    raise RuntimeError(f"{compiler} failed on {' '.join(SOURCES)}: "
-                       f"{done.stderr.strip()[-400:]}")
-  os.replace(tmp, target)
+  with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as work:
+    objects = [os.path.join(work, f"{i}.o") for i in range(len(SOURCES))]
+    compile_flags = [f for f in _FLAGS if f != "-shared"]
+    commands = [[compiler, *compile_flags, f"-I{jax.ffi.include_dir()}", "-c", src, "-o", obj]
+                for src, obj in zip(SOURCES, objects)]
+    tmp = os.path.join(work, "lib.so")
+    try:
+      running = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for cmd in commands]
+      for src, proc in zip(SOURCES, running):
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+          raise RuntimeError(f"{compiler} failed on {src}: {err.strip()[-400:]}")
+      done = subprocess.run([compiler, *_FLAGS, *objects, "-o", tmp], capture_output=True,
+                            text=True)
+    except FileNotFoundError:
+      raise RuntimeError(f"no C++ compiler ({compiler}) was found: install g++ "
+                         "or set CXX") from None
+    if done.returncode != 0:
+      raise RuntimeError(f"{compiler} failed to link {target}: {done.stderr.strip()[-400:]}")
+    os.replace(tmp, target)
 
 
 _LIB = None
