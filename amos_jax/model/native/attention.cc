@@ -13,7 +13,7 @@
 // with masked scores' gradients zero. Q, K, V and the outputs are (B, T|S, N, Dh)
 // arrays whose heads are read and written in place through their strides. The
 // products are batched_matmul.cc's register-blocked kernel; e^x is a degree-6
-// polynomial after range reduction (Cephes' expf, within 2 ulp). Compiled per ISA.
+// polynomial after range reduction (Cephes' expf). Compiled per ISA.
 #include <algorithm>
 #include <cfloat>
 #include <cstdint>
