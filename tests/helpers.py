@@ -64,3 +64,15 @@ def fast_compile():
     yield
   finally:
     jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def custom_calls_in_step(targets, **model):
+  """The tiny ELECTRA train step with scanned layers and dropout on, model keys
+  overridden: (how often each FFI target in `targets` is called in its lowered
+  program, the metrics of one step)."""
+  step, state, batch = tiny_train_step(
+      "electra", **{**dict(num_layers=3, hidden_dropout=0.1, attention_dropout=0.1,
+                           scan_layers=True), **model})
+  text = step.lower(state, batch).as_text()
+  _, metrics = step(state, batch)
+  return tuple(text.count(f"@{t}(") for t in targets), metrics

@@ -136,14 +136,9 @@ def test_where_fused_has_no_form_gemm_runs_with_one_warning(case, caplog):
 
 
 def _electra_step(impl: str, remat: str):
-  from tests.helpers import tiny_train_step
-  step, state, batch = tiny_train_step(
-      "electra", num_layers=3, hidden_dropout=0.1, attention_dropout=0.1,
-      scan_layers=True, attention_impl=impl, remat=remat)
-  text = step.lower(state, batch).as_text()
-  _, metrics = step(state, batch)
-  return (text.count(f"@{cpu_attention.FORWARD}("),
-          text.count(f"@{cpu_attention.BACKWARD}(")), metrics
+  from tests.helpers import custom_calls_in_step
+  return custom_calls_in_step([cpu_attention.FORWARD, cpu_attention.BACKWARD],
+                              attention_impl=impl, remat=remat)
 
 
 @pytest.mark.parametrize("remat", ["dots_saveable", "full"])

@@ -62,13 +62,13 @@ def _warn_once(message: str) -> None:
   log.warning(message)
 
 
-def _gemm_unavailable(dtype, platform: str, mesh) -> str:
-  """Why gemm attention does not apply here ('' when it does; whether its library
-  builds is asked apart)."""
+def _cpu_kernels_unavailable(dtype, platform: str, mesh) -> str:
+  """Why the CPU kernels (gemm, fused) do not apply here ('' when they do; whether
+  their library builds is asked apart)."""
   if platform != "cpu":
-    return f"gemm attention runs on the CPU, not {platform}"
+    return f"the CPU attention kernels run on the CPU, not {platform}"
   if jnp.dtype(dtype) != jnp.float32:
-    return f"gemm attention needs float32, not {jnp.dtype(dtype).name}"
+    return f"the CPU attention kernels need float32, not {jnp.dtype(dtype).name}"
   return custom_call_partitioned(mesh)
 
 
@@ -91,7 +91,7 @@ def resolve_implementation(implementation: str | None, dtype, head_dim: int,
     if implementation == "cudnn":
       _warn_once(f"model.attention_impl=cudnn: {why}; using XLA attention")
       return "xla"
-  why, failed = _gemm_unavailable(dtype, platform, mesh), ""
+  why, failed = _cpu_kernels_unavailable(dtype, platform, mesh), ""
   if not why:
     failed = cpu_matmul.unavailable_reason()
     if not failed:

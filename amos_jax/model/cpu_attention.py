@@ -17,24 +17,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from amos_jax.model import native_lib
+from amos_jax.model import rng as rng_lib
 
 FORWARD, BACKWARD = "amos_attention_fwd", "amos_attention_bwd"
 
 
 def isa() -> str:
   """The kernel this CPU runs: 'avx512', 'avx2' or 'generic' ('' if unavailable)."""
-  if native_lib.unavailable_reason():
-    return ""
-  return native_lib.load().amos_attention_isa().decode()
+  return native_lib.isa("amos_attention")
 
 
 def key_words(rng: jax.Array | None) -> jax.Array:
   """A threefry key, or one per row, as (1|B, 2) uint32 (zeros without dropout)."""
-  if rng is None:
-    return jnp.zeros((1, 2), jnp.uint32)
-  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-    rng = jax.random.key_data(rng)
-  return rng.reshape(-1, 2).astype(jnp.uint32)
+  return jnp.zeros((1, 2), jnp.uint32) if rng is None else rng_lib.threefry_words(rng)
 
 
 def _attrs(scale, threshold):

@@ -42,13 +42,13 @@ def available() -> bool:
 
 def isa() -> str:
   """The kernel this CPU runs: 'avx512', 'avx2' or 'generic' ('' if unavailable)."""
-  return native_lib.load().amos_batched_matmul_isa().decode() if available() else ""
+  return native_lib.isa(TARGET)
 
 
 def use_isa(name: str) -> bool:
   """Runs the named compiled kernel from now on (tests compare them); False where it
   is not compiled in or the CPU lacks it."""
-  return available() and bool(native_lib.load().amos_batched_matmul_use_isa(name.encode()))
+  return native_lib.use_isa(TARGET, name)
 
 
 def _row_major_strides(shape) -> list[int]:

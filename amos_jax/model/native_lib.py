@@ -109,3 +109,17 @@ def load():
   if why:
     raise RuntimeError(f"the native custom calls are unavailable: {why}")
   return _LIB
+
+
+def isa(kernel: str) -> str:
+  """The ISA `kernel` (one of KERNELS) runs: 'avx512', 'avx2' or 'generic'; '' where
+  the library is unavailable."""
+  if _load():
+    return ""
+  return getattr(_LIB, f"{kernel}_isa")().decode()
+
+
+def use_isa(kernel: str, name: str) -> bool:
+  """Runs `kernel`'s build for ISA `name` from now on (tests compare them); False
+  where it is not compiled in, the CPU lacks it or the library is unavailable."""
+  return not _load() and bool(getattr(_LIB, f"{kernel}_use_isa")(name.encode()))

@@ -182,16 +182,21 @@ def resolve_dropout_impl(implementation: str | None, rng: jax.Array, platform: s
   return "xla"
 
 
-def _native_keep(rng: jax.Array, shape: tuple, threshold: int) -> jax.Array:
-  """_keep_bits' masks for one key (shape) or a key per row (shape[0] rows), drawn
-  in the custom call: the keys' data is (rows, 2) uint32."""
-  native_lib.load()  # built and registered (RuntimeError saying why not)
+def threefry_words(rng: jax.Array) -> jax.Array:
+  """One threefry key, or one per row (typed or raw), as (1|B, 2) uint32: what the
+  native custom calls hash with."""
   if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.key_data(rng)
-  keys = rng.reshape(-1, 2).astype(jnp.uint32)
+  return rng.reshape(-1, 2).astype(jnp.uint32)
+
+
+def _native_keep(rng: jax.Array, shape: tuple, threshold: int) -> jax.Array:
+  """_keep_bits' masks for one key (shape) or a key per row (shape[0] rows), drawn
+  in the custom call."""
+  native_lib.load()  # built and registered (RuntimeError saying why not)
   return jax.ffi.ffi_call(NATIVE_KEEP, jax.ShapeDtypeStruct(shape, jnp.bool_),
                           vmap_method="sequential")(
-      keys, n=np.int64(shape[-1]), threshold=np.int64(threshold))
+      threefry_words(rng), n=np.int64(shape[-1]), threshold=np.int64(threshold))
 
 
 def keep_threshold(rate: float) -> int:

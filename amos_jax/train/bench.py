@@ -360,7 +360,7 @@ def run(config, args) -> dict:
       processes=jax.process_count(),
       attention_products=(f"fused ({cpu_attention.isa()})" if fused else
                           f"gemm ({cpu_matmul.isa()})" if gemm else "XLA"),
-      dropout_masks=(f"native ({native_lib.load().amos_dropout_keep_isa().decode()})"
+      dropout_masks=(f"native ({native_lib.isa(rng_lib.NATIVE_KEEP)})"
                      if native_masks else "XLA"),
       init_seconds=init_seconds,
       step_seconds_median=med, step_seconds_min=float(min(times)),

@@ -137,7 +137,7 @@ using BackwardFn = void (*)(const Shape&, const float*, const float*, const floa
                             int64_t h, int64_t Sp, float* pd, Scratch& sc) {            \
     const int64_t ld = sh.N * sh.Dh, T = sh.T, S = sh.S;                                \
     sc.p.resize(T * Sp);                                                                \
-    sc.packed.resize(std::max(sh.Dh, T) * Sp);                                          \
+    sc.packed.resize(sh.Dh * Sp);                                                       \
     PackT(kb, ld, S, sh.Dh, sc.packed.data(), Sp);                                      \
     Gemm(qb, ld, 1, sc.packed.data(), Sp, sc.p.data(), Sp, T, Sp, sh.Dh);               \
     const unsigned char* m =                                                            \
