@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from amos_jax.model.attention import (ATTENTION_PRODUCT, dot_product_attention,
                                       relative_position_buckets, segment_attention_mask)
-from amos_jax.model import ops
+from amos_jax.model import cpu_attention, ops
 from amos_jax.model import rng as rng_lib
 from amos_jax.model.partitioning import constrain, with_logical_axes
 
@@ -290,12 +290,14 @@ def _checkpointed(fn, policy: str, *, in_scan: bool):
   saveable = None
   if policy == "dots_saveable":
     # The dense outputs and gemm attention's products (products the policy cannot
-    # see inside ops.dense or a custom call), and the dropout masks (1 byte per
-    # element): hashing their bits again costs more than keeping them.
+    # see inside ops.dense or a custom call), the dropout masks (1 byte per
+    # element): hashing their bits again costs more than keeping them, and fused
+    # attention's softmax statistics (2 floats per query and head).
     cp = jax.checkpoint_policies
     saveable = cp.save_from_both_policies(
         cp.dots_saveable, cp.save_only_these_names(rng_lib.DROPOUT_KEEP, ops.DENSE_OUT,
-                                                   ATTENTION_PRODUCT))
+                                                   ATTENTION_PRODUCT,
+                                                   cpu_attention.SOFTMAX_STATS))
   # Inside scan the loop boundary already stops XLA from merging the recomputation
   # back into the forward pass (jax.checkpoint's documented advice).
   return jax.checkpoint(fn, policy=saveable, prevent_cse=not in_scan)

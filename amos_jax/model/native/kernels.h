@@ -56,41 +56,58 @@
       }                                                                                 \
   }
 
-// Rows p0 <= p < p1 of one key's keep mask (n decisions each; row p at
-// out + (p - p0) * n), for a vector of W (defined before) 32-bit counters.
+// Dropout's keep decisions, for a vector of W (defined before) 32-bit counters: the
+// threefry-2x32 hash (20 rounds) of counters `counter` under key (k1, k2) gives two
+// words per counter, whose four 16-bit quarters are four decisions (kept where a
+// quarter is below `threshold`). Counter c of row p holds decisions c, c + m, c + 2m
+// and c + 3m of the row, m = ceil(n / 4); rows are numbered through the key.
 #define AMOS_KEEP_ROWS                                                                  \
   typedef uint32_t Vec __attribute__((vector_size(4 * W)));                             \
   inline Vec Rotl(Vec x, int r) { return (x << r) | (x >> (32 - r)); }                  \
-  void Keep(uint32_t k1, uint32_t k2, uint32_t threshold, int64_t n, int64_t p0,       \
-            int64_t p1, bool* out) {                                                    \
+  /* The four quarters' decisions (-1 kept, 0 dropped) of W consecutive counters. */    \
+  inline void Quarters(uint32_t k1, uint32_t k2, uint32_t threshold, Vec counter,      \
+                       Vec keep[4]) {                                                   \
     static const int kRot[2][4] = {{13, 15, 26, 6}, {17, 29, 16, 24}};                  \
     const uint32_t ks[3] = {k1, k2, k1 ^ k2 ^ 0x1BD11BDAu};                             \
-    const int64_t m = (n + 3) / 4;                                                      \
+    Vec x1 = Vec{} + ks[0];                                                             \
+    Vec x2 = counter + ks[1];                                                           \
+    for (int i = 0; i < 5; ++i) {                                                       \
+      for (int j = 0; j < 4; ++j) {                                                     \
+        x1 += x2;                                                                       \
+        x2 = Rotl(x2, kRot[i % 2][j]) ^ x1;                                             \
+      }                                                                                 \
+      x1 += ks[(i + 1) % 3];                                                            \
+      x2 += ks[(i + 2) % 3] + static_cast<uint32_t>(i + 1);                             \
+    }                                                                                   \
+    keep[0] = (Vec)((x1 & 0xFFFFu) < threshold);                                        \
+    keep[1] = (Vec)((x1 >> 16) < threshold);                                            \
+    keep[2] = (Vec)((x2 & 0xFFFFu) < threshold);                                        \
+    keep[3] = (Vec)((x2 >> 16) < threshold);                                            \
+  }                                                                                     \
+  inline Vec Lanes() {                                                                  \
     Vec lane;                                                                           \
     for (int l = 0; l < W; ++l) lane[l] = l;                                            \
+    return lane;                                                                        \
+  }                                                                                     \
+  /* Rows p0 <= p < p1 of one key's keep mask, n decisions each (row p at              \
+     out + (p - p0) * n). */                                                            \
+  void Keep(uint32_t k1, uint32_t k2, uint32_t threshold, int64_t n, int64_t p0,       \
+            int64_t p1, bool* out) {                                                    \
+    const int64_t m = (n + 3) / 4;                                                      \
+    const Vec lane = Lanes();                                                           \
     for (int64_t p = p0; p < p1; ++p) {                                                 \
       bool* row = out + (p - p0) * n;                                                   \
       for (int64_t q = 0; q < m; q += W) {                                              \
-        Vec x1 = Vec{} + ks[0];                                                         \
-        Vec x2 = lane + static_cast<uint32_t>(p * m + q) + ks[1];                       \
-        for (int i = 0; i < 5; ++i) {                                                   \
-          for (int j = 0; j < 4; ++j) {                                                 \
-            x1 += x2;                                                                   \
-            x2 = Rotl(x2, kRot[i % 2][j]) ^ x1;                                         \
-          }                                                                             \
-          x1 += ks[(i + 1) % 3];                                                        \
-          x2 += ks[(i + 2) % 3] + static_cast<uint32_t>(i + 1);                         \
-        }                                                                               \
-        const Vec halves[4] = {x1 & 0xFFFFu, x1 >> 16, x2 & 0xFFFFu, x2 >> 16};         \
+        Vec keep[4];                                                                    \
+        Quarters(k1, k2, threshold, lane + static_cast<uint32_t>(p * m + q), keep);     \
         for (int h = 0; h < 4; ++h) {                                                   \
-          const Vec keep = (halves[h] < threshold) & 1;                                 \
           const int64_t j0 = h * m + q;                                                 \
           if (q + W <= m && j0 + W <= n) {                                              \
             unsigned char bytes[W];                                                     \
-            for (int l = 0; l < W; ++l) bytes[l] = static_cast<unsigned char>(keep[l]); \
+            for (int l = 0; l < W; ++l) bytes[l] = static_cast<unsigned char>(keep[h][l] & 1); \
             std::memcpy(row + j0, bytes, W);                                            \
           } else {                                                                      \
-            for (int l = 0; l < W && q + l < m && j0 + l < n; ++l) row[j0 + l] = keep[l]; \
+            for (int l = 0; l < W && q + l < m && j0 + l < n; ++l) row[j0 + l] = keep[h][l] & 1; \
           }                                                                             \
         }                                                                               \
       }                                                                                 \
