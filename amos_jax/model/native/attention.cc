@@ -25,6 +25,7 @@
 #include <cfloat>
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <utility>
 #include <vector>
 
@@ -54,8 +55,27 @@ struct Shape {
   float keep_scale;    // 65536 / threshold
 };
 
+// Scratch rows start on cache lines (64 bytes): a vector load or store that
+// straddles two lines costs two. Rows are Sp floats, a whole number of vectors.
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
+  }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
+};
+using Floats = std::vector<float, CacheLineAllocator<float>>;
+
 struct Scratch {
-  std::vector<float> s, p, pd, packed, row_scale;
+  Floats s, p, pd, packed, row_scale;
   std::vector<unsigned char> keep;
 };
 
