@@ -179,6 +179,13 @@ using BackwardFn = void (*)(const Shape&, const float*, const float*, const floa
     }                                                                                   \
   }                                                                                     \
                                                                                         \
+  /* Columns j..j+W of a row's scores s (unscaled), scaled, with masked and pad ones     \
+     the lowest float (a fully masked row's softmax is uniform, as XLA's form gives). */ \
+  inline V MaskedScores(const float* s, const unsigned char* mask, int64_t j, int64_t S, \
+                        float scale) {                                                  \
+    return Flags(mask, j, S) ? Load(s + j) * scale : V{} - FLT_MAX;                     \
+  }                                                                                     \
+                                                                                        \
   /* The item's scores Q K^T (unscaled) into sc.s, T x Sp. */                           \
   inline void Scores(const Shape& sh, const float* qb, const float* kb, int64_t Sp,    \
                      Scratch& sc) {                                                     \
@@ -231,12 +238,10 @@ using BackwardFn = void (*)(const Shape&, const float*, const float*, const floa
     float* st = stats + item * T * 2;                                                   \
     for (int64_t i = 0; i < T; ++i) {                                                   \
       float* s = sc.s.data() + i * Sp;                                                  \
-      /* Masked and pad scores the lowest float: a fully masked row is uniform, as      \
-         XLA's form gives. */                                                           \
       V mx = V{} - FLT_MAX;                                                             \
       for (int64_t j = 0; j < Sp; j += W) {                                             \
-        const V x = Flags(m + i * S, j, S) ? Load(s + j) * sh.scale : V{} - FLT_MAX;    \
-        Store(s + j, x);                                                                \
+        const V x = MaskedScores(s, m + i * S, j, S, sh.scale);                         \
+        Store(s + j, x); /* read again by the exponentials, cheaper than the flags */   \
         mx = mx > x ? mx : x;                                                           \
       }                                                                                 \
       float row_max = -FLT_MAX;                                                         \
@@ -279,8 +284,7 @@ using BackwardFn = void (*)(const Shape&, const float*, const float*, const floa
       float* p = sc.p.data() + i * Sp;                                                  \
       if (sh.dropout) RowKeep(sh, ItemKey(sh, keys, b), FirstRow(sh, b, h) + i, Sp, flags, sc); \
       for (int64_t j = 0; j < Sp; j += W) {                                             \
-        const V x = Flags(m + i * S, j, S) ? Load(s + j) * sh.scale : V{} - FLT_MAX;    \
-        V pj = Exp(x - st[2 * i]) * st[2 * i + 1];                                      \
+        V pj = Exp(MaskedScores(s, m + i * S, j, S, sh.scale) - st[2 * i]) * st[2 * i + 1]; \
         if (j + W > S) pj = ZeroFrom(pj, S - j);                                        \
         Store(p + j, pj);                                                               \
         if (sh.dropout) Store(sc.pd.data() + i * Sp + j, flags[j / W] ? pj * sh.keep_scale : V{}); \
