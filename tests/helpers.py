@@ -76,3 +76,21 @@ def custom_calls_in_step(targets, **model):
   text = step.lower(state, batch).as_text()
   _, metrics = step(state, batch)
   return tuple(text.count(f"@{t}(") for t in targets), metrics
+
+
+def each_isa(kernel: str):
+  """Yields each ISA ('avx512', 'avx2', 'generic') whose build of the native kernel
+  `kernel` (`native_lib.KERNELS`) this CPU runs, with that build switched in. The
+  best one is switched back in after, even on failure, and both the best and the
+  generic build must have run."""
+  from amos_jax.model import native_lib
+  best = native_lib.isa(kernel)
+  ran = []
+  try:
+    for isa in ("avx512", "avx2", "generic"):
+      if native_lib.use_isa(kernel, isa):
+        ran.append(isa)
+        yield isa
+  finally:
+    assert native_lib.use_isa(kernel, best)
+  assert "generic" in ran and best in ran, (best, ran)

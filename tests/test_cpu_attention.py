@@ -16,6 +16,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from amos_jax.model import attention, cpu_attention, native_lib
 from amos_jax.model import rng as rng_lib
+from tests.helpers import each_isa
 
 
 def _inputs(b, t, s, n, d, seed=0):
@@ -87,21 +88,11 @@ def test_the_one_mask_for_every_row_form():
 
 
 def test_every_kernel_the_cpu_runs_gives_the_same_attention():
-  lib = native_lib.load()
-  best = cpu_attention.isa()
   rows = rng_lib.per_row(jax.random.key(2), jnp.arange(2))
-  ran = []
-  try:
-    for isa in ("avx512", "avx2", "generic"):
-      if not lib.amos_attention_use_isa(isa.encode()):
-        continue
-      ran.append(isa)
-      for sizes in ((2, 37, 37, 3, 19), (2, 20, 64, 2, 32)):
-        q, k, v, mask, w = _inputs(*sizes, seed=4)
-        _assert_like_xla(q, k, v, mask, w, 0.1, rows, f"{isa} {sizes}")
-  finally:
-    assert lib.amos_attention_use_isa(best.encode())
-  assert "generic" in ran and best in ran, (best, ran)
+  for isa in each_isa("amos_attention"):
+    for sizes in ((2, 37, 37, 3, 19), (2, 20, 64, 2, 32)):
+      q, k, v, mask, w = _inputs(*sizes, seed=4)
+      _assert_like_xla(q, k, v, mask, w, 0.1, rows, f"{isa} {sizes}")
 
 
 def _mesh(**axes):
@@ -127,7 +118,7 @@ def test_where_fused_has_no_form_gemm_runs_with_one_warning(case, caplog):
   rng = jax.random.key(0, impl="rbg") if case == "rbg" else jax.random.key(0)
   if case == "mask":  # one mask per head
     mask = np.broadcast_to(mask, (2, 2, 8, 8)).copy()
-  attention._warn_once.cache_clear()
+  rng_lib.warn_once.cache_clear()
   with caplog.at_level("WARNING", logger="amos_jax"):
     text = jax.jit(lambda q: attention.dot_product_attention(
         q, k, v, jnp.asarray(mask), bias, dropout_rate=0.1, dropout_rng=rng,
@@ -135,7 +126,7 @@ def test_where_fused_has_no_form_gemm_runs_with_one_warning(case, caplog):
   assert cpu_attention.FORWARD not in text and "amos_batched_matmul" in text
   assert "attention_impl=fused" in caplog.text
   assert {"bias": "bias", "rbg": "threefry", "mask": "(2, 2, 8, 8)"}[case] in caplog.text
-  attention._warn_once.cache_clear()
+  rng_lib.warn_once.cache_clear()
 
 
 def _electra_step(impl: str, remat: str):

@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType
 
 from amos_jax.model import attention, cpu_matmul
+from amos_jax.model import rng as rng_lib
 from amos_jax.model.partitioning import mesh_platform
 
 SPECS = ["btnd,bsnd->bnts",   # logits; dprobs from (g, v)
@@ -211,9 +212,9 @@ def test_auto_keeps_xla_outside_a_mesh_on_several_devices():
 def test_a_library_that_did_not_build_falls_back_to_xla_with_a_warning(monkeypatch, caplog):
   monkeypatch.setattr(cpu_matmul, "unavailable_reason",
                       lambda: "RuntimeError: no C++ compiler (c++) was found")
-  attention._warn_once.cache_clear()
+  rng_lib.warn_once.cache_clear()
   with caplog.at_level("WARNING", logger="amos_jax"):
     assert attention.resolve_implementation(
         "auto", jnp.float32, 64, platform="cpu", mesh=_mesh(data=1)) == "xla"
   assert "did not build" in caplog.text and "no C++ compiler" in caplog.text
-  attention._warn_once.cache_clear()
+  rng_lib.warn_once.cache_clear()

@@ -16,6 +16,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from amos_jax.model import native_lib
 from amos_jax.model import rng as rng_lib
+from tests.helpers import each_isa
 
 THRESHOLD = int(round(0.9 * 65536))
 # (rows, ..., n): n below, at and above the vector widths, not multiples of 4 too.
@@ -61,22 +62,12 @@ def test_native_masks_are_xla_s_bit_for_bit_per_row_and_for_one_key(shape):
 
 
 def test_every_kernel_the_cpu_runs_draws_the_same_masks():
-  lib = native_lib.load()
-  best = lib.amos_dropout_keep_isa().decode()
   rows = rng_lib.per_row(jax.random.key(3), jnp.arange(2))
-  ran = []
-  try:
-    for isa in ("avx512", "avx2", "generic"):
-      if not lib.amos_dropout_keep_use_isa(isa.encode()):
-        continue
-      ran.append(isa)
-      for shape in [(2, 5, 67), (2, 3, 35), (2, 4, 130)]:
-        # A fresh trace each time: the kernel is chosen when the call runs.
-        got = np.asarray(rng_lib._native_keep(rows, shape, THRESHOLD))
-        np.testing.assert_array_equal(got, _xla(rows, shape), err_msg=f"{isa} {shape}")
-  finally:
-    assert lib.amos_dropout_keep_use_isa(best.encode())
-  assert "generic" in ran and best in ran, (best, ran)
+  for isa in each_isa("amos_dropout_keep"):
+    for shape in [(2, 5, 67), (2, 3, 35), (2, 4, 130)]:
+      # A fresh trace each time: the kernel is chosen when the call runs.
+      got = np.asarray(rng_lib._native_keep(rows, shape, THRESHOLD))
+      np.testing.assert_array_equal(got, _xla(rows, shape), err_msg=f"{isa} {shape}")
 
 
 def test_the_keep_rate_and_scale_are_dropout_s():
@@ -105,24 +96,24 @@ def test_auto_picks_native_only_where_it_runs(caplog):
   assert resolve("xla", key, "cpu", one) == "xla"
   manual = AbstractMesh((2,), ("data",), axis_types=(AxisType.Manual,))
   assert resolve("auto", key, "cpu", manual) == "native"
-  rng_lib._warn_once.cache_clear()
+  rng_lib.warn_once.cache_clear()
   with caplog.at_level("WARNING", logger="amos_jax"):
     assert resolve("native", jax.random.key(0, impl="rbg"), "cpu", one) == "xla"
   assert "dropout_impl=native" in caplog.text and "threefry" in caplog.text
   with pytest.raises(ValueError, match="dropout_impl='fast'"):
     resolve("fast", key, "cpu", one)
-  rng_lib._warn_once.cache_clear()
+  rng_lib.warn_once.cache_clear()
 
 
 def test_a_library_that_did_not_build_falls_back_to_xla_with_a_warning(monkeypatch, caplog):
   monkeypatch.setattr(native_lib, "unavailable_reason",
                       lambda: "RuntimeError: no C++ compiler (c++) was found")
-  rng_lib._warn_once.cache_clear()
+  rng_lib.warn_once.cache_clear()
   with caplog.at_level("WARNING", logger="amos_jax"):
     assert rng_lib.resolve_dropout_impl("auto", jax.random.key(0), "cpu",
                                         _mesh(data=1)) == "xla"
   assert "did not build" in caplog.text and "no C++ compiler" in caplog.text
-  rng_lib._warn_once.cache_clear()
+  rng_lib.warn_once.cache_clear()
 
 
 def _electra_step(impl: str):

@@ -24,8 +24,6 @@ probabilities explicitly (`ops.dropout_attention`); fused draws the same masks
 """
 from __future__ import annotations
 
-import functools
-import logging
 import math
 
 import jax
@@ -36,8 +34,6 @@ from amos_jax.config import ATTENTION_IMPLS
 from amos_jax.model import cpu_attention, cpu_matmul, ops
 from amos_jax.model import rng as rng_lib
 from amos_jax.model.partitioning import custom_call_partitioned, mesh_platform
-
-log = logging.getLogger("amos_jax")
 
 # The name of gemm attention's logits and context for remat policies: custom-call
 # outputs, which `dots_saveable` does not see as products and would recompute.
@@ -55,11 +51,6 @@ def _cudnn_unavailable(dtype, head_dim: int, platform: str) -> str:
   if head_dim % 8 or head_dim > 256:
     return f"cuDNN attention needs a head width that is a multiple of 8 up to 256, not {head_dim}"
   return ""
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-  log.warning(message)
 
 
 def _cpu_kernels_unavailable(dtype, platform: str, mesh) -> str:
@@ -89,7 +80,7 @@ def resolve_implementation(implementation: str | None, dtype, head_dim: int,
     if not why:
       return "cudnn"
     if implementation == "cudnn":
-      _warn_once(f"model.attention_impl=cudnn: {why}; using XLA attention")
+      rng_lib.warn_once(f"model.attention_impl=cudnn: {why}; using XLA attention")
       return "xla"
   why, failed = _cpu_kernels_unavailable(dtype, platform, mesh), ""
   if not why:
@@ -101,7 +92,7 @@ def resolve_implementation(implementation: str | None, dtype, head_dim: int,
   # backend, another dtype, a partitioned mesh), only where they should have run and
   # could not.
   if implementation in ("gemm", "fused") or failed:
-    _warn_once(f"model.attention_impl={implementation}: {why}; using XLA attention")
+    rng_lib.warn_once(f"model.attention_impl={implementation}: {why}; using XLA attention")
   return "xla"
 
 
@@ -143,7 +134,7 @@ def _fused_has_no_form(q, k, mask, bias, dropout_rng) -> str:
     return f"a mask of shape {tuple(mask.shape)}"
   if dropout_rng is not None and not rng_lib.is_threefry(dropout_rng):
     return "dropout keys of another generator than threefry"
-  if n * t * ((s + 3) // 4) >= 2 ** 32:  # dropout's counters per row are uint32
+  if rng_lib.keep_counters((n, t, s)) >= 2 ** 32:
     return "2^32 or more dropout counters per row"
   return ""
 
@@ -165,8 +156,8 @@ def dot_product_attention(q, k, v, mask, bias=None, *, dropout_rate=0.0,
           cpu_attention.key_words(dropout_rng if dropout else None), scale, threshold)
       return checkpoint_name(ctx.astype(v.dtype), ATTENTION_PRODUCT)
     if requested == "fused":
-      _warn_once(f"model.attention_impl=fused: the fused kernel has no form for {why}; "
-                 "running its products in the gemm kernel")
+      rng_lib.warn_once(f"model.attention_impl=fused: the fused kernel has no form for "
+                        f"{why}; running its products in the gemm kernel")
     implementation = "gemm"
   gemm = implementation == "gemm"
   if gemm:

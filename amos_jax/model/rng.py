@@ -142,7 +142,9 @@ NATIVE_KEEP = "amos_dropout_keep"  # the FFI target of native/dropout_keep.cc
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
+  """Logs `message` as a warning the first time only (a fallback chosen at trace
+  time is traced again for every program)."""
   log.warning(message)
 
 
@@ -178,7 +180,7 @@ def resolve_dropout_impl(implementation: str | None, rng: jax.Array, platform: s
       return "native"
     why = f"the custom call did not build ({failed})"
   if implementation == "native" or failed:
-    _warn_once(f"model.dropout_impl={implementation}: {why}; using XLA's dropout masks")
+    warn_once(f"model.dropout_impl={implementation}: {why}; using XLA's dropout masks")
   return "xla"
 
 
@@ -197,6 +199,13 @@ def _native_keep(rng: jax.Array, shape: tuple, threshold: int) -> jax.Array:
   return jax.ffi.ffi_call(NATIVE_KEEP, jax.ShapeDtypeStruct(shape, jnp.bool_),
                           vmap_method="sequential")(
       threefry_words(rng), n=np.int64(shape[-1]), threshold=np.int64(threshold))
+
+
+def keep_counters(row_shape: Sequence[int]) -> int:
+  """The threefry counters one key's keep mask of `row_shape` hashes (four decisions
+  each along the last axis); the native kernels number them in uint32, so they run
+  below 2^32."""
+  return int(np.prod(row_shape[:-1], dtype=np.int64)) * ((row_shape[-1] + 3) // 4)
 
 
 def keep_threshold(rate: float) -> int:
@@ -221,8 +230,7 @@ def dropout_keep(rng: jax.Array, rate: float, shape: Sequence[int],
   shape = tuple(shape)
   threshold = keep_threshold(rate)
   row_shape = shape[1:] if _is_batched(rng) else shape
-  counters = int(np.prod(row_shape[:-1], dtype=np.int64)) * ((row_shape[-1] + 3) // 4)
-  if (row_shape and 0 not in shape and counters < 2 ** 32
+  if (row_shape and 0 not in shape and keep_counters(row_shape) < 2 ** 32
       and resolve_dropout_impl(implementation, rng) == "native"):
     keep = _native_keep(rng, shape, threshold)
   else:

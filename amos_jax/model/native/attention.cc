@@ -442,14 +442,7 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 
 }  // namespace
 
-// The kernel this CPU runs: "avx512", "avx2" or "generic".
-extern "C" const char* amos_attention_isa() { return g_isa.name; }
-
-// Runs another compiled kernel (tests). Returns 0 when `name` is not compiled in or
-// the CPU lacks it.
-extern "C" int amos_attention_use_isa(const char* name) {
-  return amos_native::Use(kIsas, name, &g_isa);
-}
+AMOS_NATIVE_ISA_SWITCH(amos_attention, kIsas, g_isa)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AmosAttentionForward, AttentionForward,
                               ffi::Ffi::Bind()

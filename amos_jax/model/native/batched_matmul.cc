@@ -127,14 +127,7 @@ ffi::Error BatchedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
 
 }  // namespace
 
-// The kernel this CPU runs: "avx512", "avx2" or "generic".
-extern "C" const char* amos_batched_matmul_isa() { return g_isa.name; }
-
-// Runs another compiled kernel (tests: every ISA the CPU has gives the same
-// products). Returns 0 when `name` is not compiled in or the CPU lacks it.
-extern "C" int amos_batched_matmul_use_isa(const char* name) {
-  return amos_native::Use(kIsas, name, &g_isa);
-}
+AMOS_NATIVE_ISA_SWITCH(amos_batched_matmul, kIsas, g_isa)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AmosBatchedMatmul, BatchedMatmul,
                               ffi::Ffi::Bind()

@@ -88,14 +88,7 @@ ffi::Error DropoutKeep(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> keys,
 
 }  // namespace
 
-// The kernel this CPU runs: "avx512", "avx2" or "generic".
-extern "C" const char* amos_dropout_keep_isa() { return g_isa.name; }
-
-// Runs another compiled kernel (tests: every ISA the CPU has gives the same bits).
-// Returns 0 when `name` is not compiled in or the CPU lacks it.
-extern "C" int amos_dropout_keep_use_isa(const char* name) {
-  return amos_native::Use(kIsas, name, &g_isa);
-}
+AMOS_NATIVE_ISA_SWITCH(amos_dropout_keep, kIsas, g_isa)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AmosDropoutKeep, DropoutKeep,
                               ffi::Ffi::Bind()

@@ -47,6 +47,16 @@ bool Use(const Kernels (&table)[K], const char* name, Kernels* chosen) {
 
 }  // namespace amos_native
 
+// The two C functions `native_lib` reads and switches a kernel's ISA through:
+// <prefix>_isa() names the build that runs ("avx512", "avx2" or "generic"), and
+// <prefix>_use_isa(name) runs another (tests compare them), returning 0 where `name`
+// is not compiled in or the CPU lacks it. `table` and `chosen` as Best and Use take.
+#define AMOS_NATIVE_ISA_SWITCH(prefix, table, chosen)                                   \
+  extern "C" const char* prefix##_isa() { return (chosen).name; }                      \
+  extern "C" int prefix##_use_isa(const char* name) {                                   \
+    return amos_native::Use(table, name, &(chosen));                                    \
+  }
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #define AMOS_NATIVE_X86 1
 #else
