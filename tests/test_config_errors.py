@@ -34,6 +34,8 @@ def _edit(c, path, value):
     ("train.eps", 0.0, 1, "train.eps=0.0 must be > 0"),
     ("objective.sampler", "greedy", 1, "objective.sampler='greedy'"),
     ("model.dropout_impl", "fast", 1, "model.dropout_impl='fast': use one of auto, xla, native"),
+    ("model.layer_norm_impl", "fast", 1,
+     "model.layer_norm_impl='fast': use one of auto, xla, native"),
 ])
 def test_validate_names_the_field(field, value, devices, message):
   c = tiny_config("electra")

@@ -100,12 +100,14 @@ def test_add_bias_values_and_gradients_match_autodiff():
   _check_grads(ops.add_bias, lambda y, b: y + b, y, bias)
 
 
-def test_layer_norm_values_and_gradients_match_autodiff():
+@pytest.mark.parametrize("implementation", ["xla", "native"])
+def test_layer_norm_values_and_gradients_match_autodiff(implementation):
+  """The jnp formulas and the CPU custom calls (tests/test_cpu_layer_norm.py)."""
   k = jax.random.split(jax.random.key(0), 3)
   x = 3.0 * jax.random.normal(k[0], (2, 5, 16)) + 1.5
   scale = 1.0 + 0.1 * jax.random.normal(k[1], (16,))
   bias = 0.1 * jax.random.normal(k[2], (16,))
-  _check_grads(lambda x, s, b: ops.layer_norm(x, s, b, 1e-12),
+  _check_grads(lambda x, s, b: ops.layer_norm(x, s, b, 1e-12, implementation),
                lambda x, s, b: _ref_layer_norm(x, s, b, 1e-12), x, scale, bias)
 
 

@@ -45,6 +45,7 @@ class EncoderConfig:
   dtype: str = "float32"             # compute dtype; parameters stay float32
   attention_impl: str | None = None  # None = 'auto' | 'xla' | 'cudnn' | 'gemm'
   dropout_impl: str | None = None    # None = 'auto' | 'xla' | 'native' (CPU): same masks
+  layer_norm_impl: str | None = None  # None = 'auto' | 'xla' | 'native' (CPU backward)
   relative_attention_buckets: int = 0  # 0: off; else T5 bias (not HF-exportable)
   relative_attention_max_distance: int = 128
   # What each layer keeps for the backward pass: 'none' (everything), 'dots_saveable'
@@ -123,18 +124,23 @@ class Dense(nnx.Linear):
 
 
 class LayerNorm(nnx.LayerNorm):
-  """`nnx.LayerNorm`'s parameters (same names), computed by `ops.layer_norm`."""
+  """`nnx.LayerNorm`'s parameters (same names), computed by `ops.layer_norm` (its
+  backward pass where `implementation` says)."""
+
+  implementation: str | None = None  # model.layer_norm_impl (encoder.layer_norm)
 
   def __call__(self, x):
     return ops.layer_norm(x.astype(self.dtype or x.dtype), self.scale[...],
-                          self.bias[...], self.epsilon)
+                          self.bias[...], self.epsilon, self.implementation)
 
 
 def layer_norm(cfg: EncoderConfig, dim: int, rngs: nnx.Rngs) -> LayerNorm:
-  return LayerNorm(
+  norm = LayerNorm(
       dim, epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
       scale_init=with_logical_axes(nnx.initializers.ones, ("norm",)),
       bias_init=with_logical_axes(nnx.initializers.zeros, ("norm",)), rngs=rngs)
+  norm.implementation = cfg.layer_norm_impl
+  return norm
 
 
 def embed(cfg: EncoderConfig, num: int, dim: int, axes, rngs: nnx.Rngs) -> nnx.Embed:

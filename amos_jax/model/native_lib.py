@@ -1,13 +1,14 @@
 """The C++ custom calls for XLA:CPU in `native/`, built into one library on first use.
 
 `native/batched_matmul.cc` (attention's products, `cpu_matmul`),
-`native/dropout_keep.cc` (dropout's keep masks, `rng`) and `native/attention.cc`
-(attention's fused core, `cpu_attention`) are compiled together with
+`native/dropout_keep.cc` (dropout's keep masks, `rng`), `native/attention.cc`
+(attention's fused core, `cpu_attention`) and `native/layer_norm.cc` (LayerNorm's
+forward and backward passes, `cpu_layer_norm`) are compiled together with
 the system C++ compiler against jaxlib's FFI headers, cached under
 `cache_root()/native/<hash of sources, flags, jax>/` and written atomically (several
 processes may race to build it). `load()` builds, loads and registers every target
 once per process; `unavailable_reason()` says why it could not ('' when it could),
-and the callers then keep XLA's own form.
+and the callers then keep XLA's own form (`choose`).
 """
 from __future__ import annotations
 
@@ -24,17 +25,20 @@ from amos_jax import paths
 
 _DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 SOURCES = tuple(os.path.join(_DIR, f)
-                for f in ("batched_matmul.cc", "dropout_keep.cc", "attention.cc"))
+                for f in ("batched_matmul.cc", "dropout_keep.cc", "attention.cc",
+                          "layer_norm.cc"))
 _HEADERS = tuple(os.path.join(_DIR, f) for f in ("isa.h", "kernels.h", "parallel.h"))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 # FFI target name -> the handler symbol the library exports.
 TARGETS = {"amos_batched_matmul": "AmosBatchedMatmul",
            "amos_dropout_keep": "AmosDropoutKeep",
            "amos_attention_fwd": "AmosAttentionForward",
-           "amos_attention_bwd": "AmosAttentionBackward"}
+           "amos_attention_bwd": "AmosAttentionBackward",
+           "amos_layer_norm_fwd": "AmosLayerNormForward",
+           "amos_layer_norm_bwd": "AmosLayerNormBackward"}
 # The kernels each file compiles per ISA: `<name>_isa()` says which one runs,
 # `<name>_use_isa(name)` switches (tests compare them).
-KERNELS = ("amos_batched_matmul", "amos_dropout_keep", "amos_attention")
+KERNELS = ("amos_batched_matmul", "amos_dropout_keep", "amos_attention", "amos_layer_norm")
 
 
 def library_path() -> str:
@@ -123,3 +127,20 @@ def use_isa(kernel: str, name: str) -> bool:
   """Runs `kernel`'s build for ISA `name` from now on (tests compare them); False
   where it is not compiled in, the CPU lacks it or the library is unavailable."""
   return not _load() and bool(getattr(_LIB, f"{kernel}_use_isa")(name.encode()))
+
+
+def choose(option: str, implementation: str, why_not: str, fallback: str) -> str:
+  """'native' or 'xla': what runs for `option` (e.g. 'model.dropout_impl') set to
+  implementation ('auto' or 'native'), where why_not says why the custom call does
+  not apply by design ('' where it does: the right backend, dtype, an unpartitioned
+  program). 'native' needs that and the library built. An explicit 'native' that
+  cannot run, or a library that did not build, logs one warning that names the
+  fallback; 'auto' says nothing where the kernel does not apply by design."""
+  from amos_jax.model.rng import warn_once  # rng imports this module
+  failed = "" if why_not else unavailable_reason()
+  if not why_not and not failed:
+    return "native"
+  if implementation == "native" or failed:
+    why = why_not or f"the custom call did not build ({failed})"
+    warn_once(f"{option}={implementation}: {why}; using {fallback}")
+  return "xla"

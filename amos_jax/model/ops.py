@@ -24,7 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from amos_jax.model import cpu_matmul
+from amos_jax.model import cpu_layer_norm, cpu_matmul
 from amos_jax.model.partitioning import mesh_platform
 
 _F32 = jnp.float32
@@ -145,12 +145,21 @@ def _add_bias_bwd(bias, g):
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float,
+               implementation: str | None = None) -> jax.Array:
   """LayerNorm over the last axis: (..., H), scale (H,), bias (H,) -> (..., H) in x.dtype.
 
-  Statistics in float32 (two-pass variance), as BERT's LayerNorm.
+  Statistics in float32 (two-pass variance), as BERT's LayerNorm. implementation
+  (`model.layer_norm_impl`, cpu_layer_norm.resolve_layer_norm_impl): the CPU custom
+  calls (`cpu_layer_norm.layer_norm`, float32) or these jnp formulas.
   """
+  if cpu_layer_norm.resolve_layer_norm_impl(implementation, x.dtype) == "native":
+    return cpu_layer_norm.layer_norm(x, scale, bias, eps)
+  return _layer_norm(x, scale, bias, eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x, scale, bias, eps):
   return _layer_norm_fwd(x, scale, bias, eps)[0]
 
 
@@ -176,7 +185,7 @@ def _layer_norm_bwd(eps, res, g):
   return dx.astype(g.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def _normal_cdf(xf: jax.Array) -> jax.Array:

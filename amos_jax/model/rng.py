@@ -167,21 +167,14 @@ def resolve_dropout_impl(implementation: str | None, rng: jax.Array, platform: s
     return "xla"
   mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
   platform = platform or partitioning.mesh_platform(mesh)
-  why, failed = "", ""
   if not is_threefry(rng):
     why = "the native masks hash threefry keys, not train.rng_impl's"
   elif platform != "cpu":
     why = f"the native masks run on the CPU, not {platform}"
   else:
     why = partitioning.custom_call_partitioned(mesh)
-  if not why:
-    failed = native_lib.unavailable_reason()
-    if not failed:
-      return "native"
-    why = f"the custom call did not build ({failed})"
-  if implementation == "native" or failed:
-    warn_once(f"model.dropout_impl={implementation}: {why}; using XLA's dropout masks")
-  return "xla"
+  return native_lib.choose("model.dropout_impl", implementation, why,
+                           "XLA's dropout masks")
 
 
 def threefry_words(rng: jax.Array) -> jax.Array:

@@ -1,0 +1,84 @@
+"""LayerNorm in two CPU custom calls (`native/layer_norm.cc`): `layer_norm(x, scale,
+bias, eps)`, differentiable.
+
+The forward call computes each row's statistics and output in one pass and keeps
+the statistics ((..., 2): mean, 1/std); the backward call gives (dx, dscale, dbias)
+in one pass over the rows. XLA:CPU runs the statistics as separate reductions and
+dscale and dbias as reductions over the rows, which took about two thirds of a
+(4096, 256) LayerNorm's forward and backward time (BENCHMARKS.md).
+`resolve_layer_norm_impl` chooses it (`model.layer_norm_impl`); float32 on the CPU.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amos_jax.config import LAYER_NORM_IMPLS
+from amos_jax.model import native_lib, partitioning
+
+FORWARD, BACKWARD = "amos_layer_norm_fwd", "amos_layer_norm_bwd"
+KERNEL = "amos_layer_norm"  # its ISA builds (native_lib.isa / use_isa)
+
+
+def resolve_layer_norm_impl(implementation: str | None, dtype, platform: str | None = None,
+                            mesh=None) -> str:
+  """'auto' | 'xla' | 'native' (None: 'auto') -> the one that runs LayerNorm. platform and mesh default to the current abstract mesh's (the backend's
+  outside a mesh), as attention's choice. 'native' needs float32 (dtype: LayerNorm's
+  input and output), the CPU, a program XLA does not partition itself and the
+  library built (`native_lib.choose`)."""
+  implementation = implementation or "auto"
+  if implementation not in LAYER_NORM_IMPLS:
+    raise ValueError(f"layer_norm_impl={implementation!r}: use one of {LAYER_NORM_IMPLS}")
+  if implementation == "xla":
+    return "xla"
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  platform = platform or partitioning.mesh_platform(mesh)
+  if platform != "cpu":
+    why = f"the native LayerNorm runs on the CPU, not {platform}"
+  elif jnp.dtype(dtype) != jnp.float32:
+    why = f"the native LayerNorm takes float32, not {jnp.dtype(dtype).name}"
+  else:
+    why = partitioning.custom_call_partitioned(mesh)
+  return native_lib.choose("model.layer_norm_impl", implementation, why, "XLA's LayerNorm")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  """LayerNorm over the last axis, float32: (..., H), scale (H,), bias (H,) -> (..., H)."""
+  return _forward(x, scale, bias, eps)[0]
+
+
+def _forward(x, scale, bias, eps):
+  """y (..., H) and the statistics (R, 2) of x's R rows."""
+  native_lib.load()  # built and registered (RuntimeError saying why not)
+  h = x.shape[-1]
+  x2 = x.reshape(-1, h)
+  y, stats = jax.ffi.ffi_call(
+      FORWARD, (jax.ShapeDtypeStruct(x2.shape, jnp.float32),
+                jax.ShapeDtypeStruct((x2.shape[0], 2), jnp.float32)),
+      vmap_method="sequential")(x2, scale.astype(jnp.float32), bias.astype(jnp.float32),
+                                eps=np.float32(eps))
+  return y.reshape(x.shape), stats
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+  y, stats = _forward(x, scale, bias, eps)
+  return y, (x, stats, scale, bias)
+
+
+def _layer_norm_bwd(eps, residuals, g):
+  x, stats, scale, bias = residuals
+  h = x.shape[-1]
+  dx, dscale, dbias = jax.ffi.ffi_call(
+      BACKWARD, (jax.ShapeDtypeStruct((stats.shape[0], h), jnp.float32),
+                 jax.ShapeDtypeStruct((h,), jnp.float32),
+                 jax.ShapeDtypeStruct((h,), jnp.float32)),
+      vmap_method="sequential")(x.reshape(-1, h), stats, scale.astype(jnp.float32),
+                                g.astype(jnp.float32).reshape(-1, h))
+  return (dx.reshape(x.shape), dscale.astype(scale.dtype), dbias.astype(bias.dtype))
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
