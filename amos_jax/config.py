@@ -17,12 +17,13 @@ from amos_jax.errors import AmosError, ConfigError, one_line
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Choices of model.remat (True / False read as full / none), model.attention_impl,
-# train.rng_impl, model.dropout_impl and model.layer_norm_impl.
+# train.rng_impl, model.dropout_impl, model.layer_norm_impl and model.gelu_impl.
 REMAT_CHOICES = ("auto", "none", "dots_saveable", "full", "true", "false")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "gemm", "fused")
 RNG_IMPLS = ("threefry", "rbg", "unsafe_rbg")
 DROPOUT_IMPLS = ("auto", "xla", "native")
 LAYER_NORM_IMPLS = ("auto", "xla", "native")
+GELU_IMPLS = ("auto", "xla", "native")
 GRAD_ALLREDUCE = ("auto", "per_layer", "once")
 
 # Paper sizes. ELECTRA: small 256x12 (E=128), base 768x12, large 1024x24.
@@ -63,7 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
       initializer_range=0.02, dtype="float32",
       attention_impl="auto",  # auto | xla | cudnn (NVIDIA GPUs) | gemm | fused (CPU)
       dropout_impl="auto",    # auto | xla | native (CPU custom call): the same masks
-      layer_norm_impl="auto",  # auto | xla | native (CPU custom call: the backward pass)
+      layer_norm_impl="auto",  # auto | xla | native (CPU custom calls)
+      gelu_impl="auto",       # auto | xla | native (CPU custom call: the backward pass)
       relative_attention_buckets=0, relative_attention_max_distance=128,
       scan_layers=True,       # lax.scan over layers: compile time flat in depth
       remat="auto",           # auto | none | dots_saveable | full (what backward
@@ -189,6 +191,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
   if (m.get("layer_norm_impl") or "auto") not in LAYER_NORM_IMPLS:
     raise ConfigError(f"model.layer_norm_impl={m.layer_norm_impl!r}: use one of "
                       f"{', '.join(LAYER_NORM_IMPLS)}")
+  if (m.get("gelu_impl") or "auto") not in GELU_IMPLS:
+    raise ConfigError(f"model.gelu_impl={m.gelu_impl!r}: use one of "
+                      f"{', '.join(GELU_IMPLS)}")
   if t.get("rng_impl", "threefry") not in RNG_IMPLS:
     raise ConfigError(f"train.rng_impl={t.rng_impl!r}: use threefry, rbg or unsafe_rbg")
   if c.sharding.get("grad_allreduce", "auto") not in GRAD_ALLREDUCE:

@@ -36,6 +36,7 @@ def _edit(c, path, value):
     ("model.dropout_impl", "fast", 1, "model.dropout_impl='fast': use one of auto, xla, native"),
     ("model.layer_norm_impl", "fast", 1,
      "model.layer_norm_impl='fast': use one of auto, xla, native"),
+    ("model.gelu_impl", "tanh", 1, "model.gelu_impl='tanh': use one of auto, xla, native"),
 ])
 def test_validate_names_the_field(field, value, devices, message):
   c = tiny_config("electra")

@@ -111,9 +111,11 @@ def test_layer_norm_values_and_gradients_match_autodiff(implementation):
                lambda x, s, b: _ref_layer_norm(x, s, b, 1e-12), x, scale, bias)
 
 
-def test_gelu_values_and_gradients_match_autodiff():
+@pytest.mark.parametrize("implementation", ["xla", "native"])
+def test_gelu_values_and_gradients_match_autodiff(implementation):
+  """The jnp backward formula and the CPU custom call (tests/test_cpu_gelu.py)."""
   x = jnp.linspace(-6.0, 6.0, 241).reshape(1, 241)
-  _check_grads(ops.gelu, _ref_gelu, x)
+  _check_grads(lambda x: ops.gelu(x, implementation), _ref_gelu, x)
 
 
 @pytest.mark.parametrize("fully_masked_row", [False, True])

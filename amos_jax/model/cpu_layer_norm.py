@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amos_jax.config import LAYER_NORM_IMPLS
-from amos_jax.model import native_lib, partitioning
+from amos_jax.model import native_lib
 
 FORWARD, BACKWARD = "amos_layer_norm_fwd", "amos_layer_norm_bwd"
 KERNEL = "amos_layer_norm"  # its ISA builds (native_lib.isa / use_isa)
@@ -25,24 +25,11 @@ KERNEL = "amos_layer_norm"  # its ISA builds (native_lib.isa / use_isa)
 
 def resolve_layer_norm_impl(implementation: str | None, dtype, platform: str | None = None,
                             mesh=None) -> str:
-  """'auto' | 'xla' | 'native' (None: 'auto') -> the one that runs LayerNorm. platform and mesh default to the current abstract mesh's (the backend's
-  outside a mesh), as attention's choice. 'native' needs float32 (dtype: LayerNorm's
-  input and output), the CPU, a program XLA does not partition itself and the
-  library built (`native_lib.choose`)."""
-  implementation = implementation or "auto"
-  if implementation not in LAYER_NORM_IMPLS:
-    raise ValueError(f"layer_norm_impl={implementation!r}: use one of {LAYER_NORM_IMPLS}")
-  if implementation == "xla":
-    return "xla"
-  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-  platform = platform or partitioning.mesh_platform(mesh)
-  if platform != "cpu":
-    why = f"the native LayerNorm runs on the CPU, not {platform}"
-  elif jnp.dtype(dtype) != jnp.float32:
-    why = f"the native LayerNorm takes float32, not {jnp.dtype(dtype).name}"
-  else:
-    why = partitioning.custom_call_partitioned(mesh)
-  return native_lib.choose("model.layer_norm_impl", implementation, why, "XLA's LayerNorm")
+  """'auto' | 'xla' | 'native' (None: 'auto') -> the one that runs LayerNorm; dtype:
+  its input's and output's (see `native_lib.resolve`)."""
+  return native_lib.resolve("model.layer_norm_impl", implementation, LAYER_NORM_IMPLS,
+                            what="the native LayerNorm kernel", fallback="XLA's LayerNorm",
+                            dtype=dtype, platform=platform, mesh=mesh)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

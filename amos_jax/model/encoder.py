@@ -45,7 +45,8 @@ class EncoderConfig:
   dtype: str = "float32"             # compute dtype; parameters stay float32
   attention_impl: str | None = None  # None = 'auto' | 'xla' | 'cudnn' | 'gemm'
   dropout_impl: str | None = None    # None = 'auto' | 'xla' | 'native' (CPU): same masks
-  layer_norm_impl: str | None = None  # None = 'auto' | 'xla' | 'native' (CPU backward)
+  layer_norm_impl: str | None = None  # None = 'auto' | 'xla' | 'native' (CPU)
+  gelu_impl: str | None = None       # None = 'auto' | 'xla' | 'native' (CPU backward)
   relative_attention_buckets: int = 0  # 0: off; else T5 bias (not HF-exportable)
   relative_attention_max_distance: int = 128
   # What each layer keeps for the backward pass: 'none' (everything), 'dots_saveable'
@@ -252,10 +253,11 @@ class Attention(nnx.Module):
 class Intermediate(nnx.Module):
   def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
     self.dense = dense(cfg, cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), rngs)
+    self.gelu_impl = cfg.gelu_impl
 
   def __call__(self, x):
     # Exact (erf) GELU, as BERT and ELECTRA use.
-    return constrain(ops.gelu(self.dense(x)),
+    return constrain(ops.gelu(self.dense(x), self.gelu_impl),
                      ("batch", "seq", "mlp"))
 
 

@@ -22,13 +22,14 @@ class MLMHead(nnx.Module):
     e = cfg.embed_size
     self.dense = dense(cfg, cfg.hidden_size, e, ("embed", "embed_out"), rngs)
     self.LayerNorm = layer_norm(cfg, e, rngs)
+    self.gelu_impl = cfg.gelu_impl
     self.bias = nnx.Param(
         with_logical_axes(nnx.initializers.zeros, ("vocab",))(
             rngs.params(), (cfg.vocab_size,), jnp.float32))
 
   def __call__(self, h: jax.Array, word_embeddings: jax.Array) -> jax.Array:
     """h: (..., H), word_embeddings: (V, E) -> float32 logits (..., V)."""
-    x = self.LayerNorm(ops.gelu(self.dense(h)))
+    x = self.LayerNorm(ops.gelu(self.dense(h), self.gelu_impl))
     logits = x @ word_embeddings.astype(x.dtype).T
     return ops.add_bias(logits.astype(jnp.float32), self.bias[...])
 
@@ -48,11 +49,12 @@ class RTDHead(nnx.Module):
     if num_layers == 2:
       self.dense = dense(cfg, h, h, ("embed", "mlp"), rngs)
     self.dense_prediction = dense(cfg, h, 1, ("embed", None), rngs)
+    self.gelu_impl = cfg.gelu_impl
 
   def __call__(self, h: jax.Array) -> jax.Array:
     """h: (B, T, H) -> float32 logits (B, T)."""
     if hasattr(self, "dense"):
-      h = ops.gelu(self.dense(h))
+      h = ops.gelu(self.dense(h), self.gelu_impl)
     return self.dense_prediction(h)[..., 0].astype(jnp.float32)
 
 

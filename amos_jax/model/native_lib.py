@@ -2,8 +2,9 @@
 
 `native/batched_matmul.cc` (attention's products, `cpu_matmul`),
 `native/dropout_keep.cc` (dropout's keep masks, `rng`), `native/attention.cc`
-(attention's fused core, `cpu_attention`) and `native/layer_norm.cc` (LayerNorm's
-forward and backward passes, `cpu_layer_norm`) are compiled together with
+(attention's fused core, `cpu_attention`), `native/layer_norm.cc` (LayerNorm's
+forward and backward passes, `cpu_layer_norm`) and `native/gelu.cc` (GELU's
+backward pass, `cpu_gelu`) are compiled together with
 the system C++ compiler against jaxlib's FFI headers, cached under
 `cache_root()/native/<hash of sources, flags, jax>/` and written atomically (several
 processes may race to build it). `load()` builds, loads and registers every target
@@ -20,13 +21,15 @@ import subprocess
 import tempfile
 
 import jax
+import jax.numpy as jnp
 
 from amos_jax import paths
+from amos_jax.model import partitioning
 
 _DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 SOURCES = tuple(os.path.join(_DIR, f)
                 for f in ("batched_matmul.cc", "dropout_keep.cc", "attention.cc",
-                          "layer_norm.cc"))
+                          "layer_norm.cc", "gelu.cc"))
 _HEADERS = tuple(os.path.join(_DIR, f) for f in ("isa.h", "kernels.h", "parallel.h"))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 # FFI target name -> the handler symbol the library exports.
@@ -35,10 +38,12 @@ TARGETS = {"amos_batched_matmul": "AmosBatchedMatmul",
            "amos_attention_fwd": "AmosAttentionForward",
            "amos_attention_bwd": "AmosAttentionBackward",
            "amos_layer_norm_fwd": "AmosLayerNormForward",
-           "amos_layer_norm_bwd": "AmosLayerNormBackward"}
+           "amos_layer_norm_bwd": "AmosLayerNormBackward",
+           "amos_gelu_bwd": "AmosGeluBackward"}
 # The kernels each file compiles per ISA: `<name>_isa()` says which one runs,
 # `<name>_use_isa(name)` switches (tests compare them).
-KERNELS = ("amos_batched_matmul", "amos_dropout_keep", "amos_attention", "amos_layer_norm")
+KERNELS = ("amos_batched_matmul", "amos_dropout_keep", "amos_attention", "amos_layer_norm",
+           "amos_gelu")
 
 
 def library_path() -> str:
@@ -144,3 +149,29 @@ def choose(option: str, implementation: str, why_not: str, fallback: str) -> str
     why = why_not or f"the custom call did not build ({failed})"
     warn_once(f"{option}={implementation}: {why}; using {fallback}")
   return "xla"
+
+
+def resolve(option: str, implementation: str | None, choices, *, what: str, fallback: str,
+            dtype=jnp.float32, platform: str | None = None, mesh=None,
+            why_not: str = "") -> str:
+  """'auto' | 'xla' | 'native' (None: 'auto') for `option` (e.g. 'model.layer_norm_impl',
+  one of `choices`) -> the one that runs. 'native' (the custom call `what` names)
+  needs float32 `dtype`, the CPU, a program XLA does not partition itself
+  (`partitioning.custom_call_partitioned`), nothing else against it (`why_not`) and
+  the library built; see `choose` for the warnings. platform and mesh default to the
+  current abstract mesh's (the backend's outside a mesh), as attention's choice."""
+  implementation = implementation or "auto"
+  if implementation not in choices:
+    raise ValueError(f"{option.rsplit('.', 1)[-1]}={implementation!r}: use one of {choices}")
+  if implementation == "xla":
+    return "xla"
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  platform = platform or partitioning.mesh_platform(mesh)
+  if not why_not:
+    if platform != "cpu":
+      why_not = f"{what} runs on the CPU, not {platform}"
+    elif jnp.dtype(dtype) != jnp.float32:
+      why_not = f"{what} takes float32, not {jnp.dtype(dtype).name}"
+    else:
+      why_not = partitioning.custom_call_partitioned(mesh)
+  return choose(option, implementation, why_not, fallback)

@@ -24,7 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from amos_jax.model import cpu_layer_norm, cpu_matmul
+from amos_jax.model import cpu_gelu, cpu_layer_norm, cpu_matmul
 from amos_jax.model.partitioning import mesh_platform
 
 _F32 = jnp.float32
@@ -201,19 +201,22 @@ def _normal_cdf(xf: jax.Array) -> jax.Array:
   return 0.5 * (1.0 + jax.lax.erf(xf * (1.0 / math.sqrt(2.0))))
 
 
-@jax.custom_vjp
-def gelu(x: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def gelu(x: jax.Array, implementation: str | None = None) -> jax.Array:
   """Exact (erf) GELU, x * Phi(x), as BERT and ELECTRA use. Any shape, x.dtype out;
-  computed in float32."""
+  computed in float32. implementation (`model.gelu_impl`,
+  cpu_gelu.resolve_gelu_impl): where the backward pass runs."""
   xf = x.astype(_F32)
   return (xf * _normal_cdf(xf)).astype(x.dtype)
 
 
-def _gelu_fwd(x):
-  return gelu(x), x
+def _gelu_fwd(x, implementation):
+  return gelu(x, implementation), x
 
 
-def _gelu_bwd(x, g):
+def _gelu_bwd(implementation, x, g):
+  if cpu_gelu.resolve_gelu_impl(implementation, x.dtype) == "native":
+    return (cpu_gelu.backward(x, g).astype(x.dtype),)
   xf = x.astype(_F32)
   pdf = jnp.exp(-0.5 * jnp.square(xf)) * (1.0 / math.sqrt(2.0 * math.pi))
   return ((g.astype(_F32) * (_normal_cdf(xf) + xf * pdf)).astype(x.dtype),)

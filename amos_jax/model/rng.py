@@ -16,7 +16,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from amos_jax.config import DROPOUT_IMPLS
-from amos_jax.model import native_lib, partitioning
+from amos_jax.model import native_lib
 
 log = logging.getLogger("amos_jax")
 
@@ -160,21 +160,11 @@ def resolve_dropout_impl(implementation: str | None, rng: jax.Array, platform: s
   (`partitioning.custom_call_partitioned`) and the library built; where an explicit
   'native' cannot run, XLA's form draws them, with one warning.
   """
-  implementation = implementation or "auto"
-  if implementation not in DROPOUT_IMPLS:
-    raise ValueError(f"dropout_impl={implementation!r}: use one of {DROPOUT_IMPLS}")
-  if implementation == "xla":
-    return "xla"
-  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-  platform = platform or partitioning.mesh_platform(mesh)
-  if not is_threefry(rng):
-    why = "the native masks hash threefry keys, not train.rng_impl's"
-  elif platform != "cpu":
-    why = f"the native masks run on the CPU, not {platform}"
-  else:
-    why = partitioning.custom_call_partitioned(mesh)
-  return native_lib.choose("model.dropout_impl", implementation, why,
-                           "XLA's dropout masks")
+  why_not = "" if is_threefry(rng) else (
+      "the native masks hash threefry keys, not train.rng_impl's")
+  return native_lib.resolve("model.dropout_impl", implementation, DROPOUT_IMPLS,
+                            what="the native mask kernel", fallback="XLA's dropout masks",
+                            platform=platform, mesh=mesh, why_not=why_not)
 
 
 def threefry_words(rng: jax.Array) -> jax.Array:

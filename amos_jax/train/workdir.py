@@ -33,12 +33,12 @@ RUN_ENTRIES = ("checkpoints", METRICS_FILE, "tensorboard")
 
 NEUTRAL_PREFIXES = ("mesh.", "sharding.", "checkpoint.")
 # How the same computation runs (layer scan, rematerialization, attention kernel,
-# where dropout's masks are drawn, which kernel runs LayerNorm's backward pass)
+# where dropout's masks are drawn, which kernels run LayerNorm and GELU's backward pass)
 # changes no parameter and no loss beyond rounding.
 NEUTRAL_KEYS = {"train.log_every", "train.eval_every", "train.eval_batches", "init_from",
                 "init_from_allow_pickle", "model.scan_layers", "model.remat",
                 "model.attention_impl", "model.dropout_impl", "model.layer_norm_impl",
-                "train.compilation_cache_dir"}
+                "model.gelu_impl", "train.compilation_cache_dir"}
 SAFE_KEYS = {"train.steps", "train.learning_rate", "train.warmup_steps",
              "train.warmup_fraction", "train.schedule", "train.end_learning_rate_fraction",
              "train.clip_norm", "train.weight_decay", "train.max_nonfinite_steps",
