@@ -313,45 +313,21 @@ using BackwardFn = void (*)(const Shape&, const float*, const float*, const floa
     Gemm(ds, 1, Sp, q + qo, ld, dk + ko, ld, S, sh.Dh, T);                              \
   }
 
-namespace generic {
-AMOS_GEMM_KERNEL(4, 4)
-AMOS_KEEP_ROWS
-AMOS_ATTENTION_KERNEL
-}  // namespace generic
-
-#if AMOS_NATIVE_X86
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-AMOS_GEMM_KERNEL(8, 6)
-AMOS_KEEP_ROWS
-AMOS_ATTENTION_KERNEL
-}  // namespace avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl")
-namespace avx512 {
-AMOS_GEMM_KERNEL(16, 8)
-AMOS_KEEP_ROWS
-AMOS_ATTENTION_KERNEL
-}  // namespace avx512
-#pragma GCC pop_options
-#endif
-
 struct Isa {
   const char* name;
   ForwardFn forward;
   BackwardFn backward;
 };
 
-// Best first.
-const Isa kIsas[] = {
-#if AMOS_NATIVE_X86
-    {"avx512", avx512::Forward, avx512::Backward},
-    {"avx2", avx2::Forward, avx2::Backward},
-#endif
-    {"generic", generic::Forward, generic::Backward}};
+#define AMOS_ATTENTION_BUILD(W, R)                                                      \
+  AMOS_GEMM_KERNEL(W, R)                                                                \
+  AMOS_KEEP_ROWS                                                                        \
+  AMOS_ATTENTION_KERNEL                                                                 \
+  const Isa kBuild{kName, Forward, Backward};
 
+AMOS_NATIVE_PER_ISA(AMOS_ATTENTION_BUILD, (4, 4), (8, 6), (16, 8))
+
+const Isa kIsas[] = AMOS_NATIVE_BUILDS;  // best first
 Isa g_isa = amos_native::Best(kIsas);
 
 ffi::Error MakeShape(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,

@@ -32,40 +32,20 @@ namespace {
 using GemmFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, float*,
                         int64_t, int64_t, int64_t, int64_t);
 
-namespace generic {
-AMOS_GEMM_KERNEL(4, 4)
-}  // namespace generic
-
-#if AMOS_NATIVE_X86
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-// 16 ymm registers: 6 x 2 accumulators, 2 for B, 1 for the broadcast A.
-AMOS_GEMM_KERNEL(8, 6)
-}  // namespace avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-namespace avx512 {
-// 32 zmm registers: 8 x 2 accumulators.
-AMOS_GEMM_KERNEL(16, 8)
-}  // namespace avx512
-#pragma GCC pop_options
-#endif
-
 struct Isa {
   const char* name;
   GemmFn gemm;
 };
 
-// Best first.
-const Isa kIsas[] = {
-#if AMOS_NATIVE_X86
-    {"avx512", avx512::Gemm},
-    {"avx2", avx2::Gemm},
-#endif
-    {"generic", generic::Gemm}};
+#define AMOS_BATCHED_MATMUL_BUILD(W, R)                                                 \
+  AMOS_GEMM_KERNEL(W, R)                                                                \
+  const Isa kBuild{kName, Gemm};
 
+// R x 2 vectors of accumulators: AVX2's 16 ymm registers hold 6 x 2, 2 for B and 1
+// for the broadcast A; AVX-512's 32 zmm registers 8 x 2.
+AMOS_NATIVE_PER_ISA(AMOS_BATCHED_MATMUL_BUILD, (4, 4), (8, 6), (16, 8))
+
+const Isa kIsas[] = AMOS_NATIVE_BUILDS;  // best first
 Isa g_isa = amos_native::Best(kIsas);
 
 struct Operand {

@@ -24,41 +24,19 @@ namespace {
 
 using KeepFn = void (*)(uint32_t, uint32_t, uint32_t, int64_t, int64_t, int64_t, bool*);
 
-namespace generic {
-constexpr int W = 4;
-AMOS_KEEP_ROWS
-}  // namespace generic
-
-#if AMOS_NATIVE_X86
-#pragma GCC push_options
-#pragma GCC target("avx2")
-namespace avx2 {
-constexpr int W = 8;
-AMOS_KEEP_ROWS
-}  // namespace avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl")
-namespace avx512 {
-constexpr int W = 16;
-AMOS_KEEP_ROWS
-}  // namespace avx512
-#pragma GCC pop_options
-#endif
-
 struct Isa {
   const char* name;
   KeepFn keep;
 };
 
-// Best first.
-const Isa kIsas[] = {
-#if AMOS_NATIVE_X86
-    {"avx512", avx512::Keep},
-    {"avx2", avx2::Keep},
-#endif
-    {"generic", generic::Keep}};
+#define AMOS_DROPOUT_KEEP_BUILD(W_)                                                     \
+  constexpr int W = W_;                                                                 \
+  AMOS_KEEP_ROWS                                                                        \
+  const Isa kBuild{kName, Keep};
 
+AMOS_NATIVE_PER_ISA(AMOS_DROPOUT_KEEP_BUILD, (4), (8), (16))
+
+const Isa kIsas[] = AMOS_NATIVE_BUILDS;  // best first
 Isa g_isa = amos_native::Best(kIsas);
 
 // About this many decisions per work item: enough to amortize claiming it.

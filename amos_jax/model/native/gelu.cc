@@ -98,38 +98,18 @@ using BackwardFn = void (*)(const float* x, const float* g, int64_t n, float* dx
     }                                                                                    \
   }
 
-namespace generic {
-AMOS_GELU_BACKWARD(4)
-}  // namespace generic
-
-#if AMOS_NATIVE_X86
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-AMOS_GELU_BACKWARD(8)
-}  // namespace avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-namespace avx512 {
-AMOS_GELU_BACKWARD(16)
-}  // namespace avx512
-#pragma GCC pop_options
-#endif
-
 struct Isa {
   const char* name;
   BackwardFn backward;
 };
 
-// Best first.
-const Isa kIsas[] = {
-#if AMOS_NATIVE_X86
-    {"avx512", avx512::GeluBackward},
-    {"avx2", avx2::GeluBackward},
-#endif
-    {"generic", generic::GeluBackward}};
+#define AMOS_GELU_BUILD(W)                                                              \
+  AMOS_GELU_BACKWARD(W)                                                                 \
+  const Isa kBuild{kName, GeluBackward};
 
+AMOS_NATIVE_PER_ISA(AMOS_GELU_BUILD, (4), (8), (16))
+
+const Isa kIsas[] = AMOS_NATIVE_BUILDS;  // best first
 Isa g_isa = amos_native::Best(kIsas);
 
 ffi::Error GeluBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,

@@ -57,10 +57,34 @@ bool Use(const Kernels (&table)[K], const char* name, Kernels* chosen) {
     return amos_native::Use(table, name, &(chosen));                                    \
   }
 
+// A file's kernels once per ISA: BUILD (a macro) expanded with the arguments
+// GENERIC in namespace generic, and on x86 with AVX2 in namespace avx2 (compiled for
+// AVX2 + FMA) and with AVX512 in namespace avx512 (AVX-512 F, BW and VL), what
+// CpuIsa requires of each. Each namespace gets kName, its ISA's name, first; BUILD
+// defines there an entry `kBuild` of the file's table, which AMOS_NATIVE_BUILDS
+// lists, best first.
+#define AMOS_NATIVE_BUILD_IN(ns, BUILD, ARGS)                                           \
+  namespace ns {                                                                        \
+  constexpr const char* kName = #ns;                                                    \
+  BUILD ARGS                                                                            \
+  }
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #define AMOS_NATIVE_X86 1
+#define AMOS_NATIVE_PER_ISA(BUILD, GENERIC, AVX2, AVX512)                               \
+  AMOS_NATIVE_BUILD_IN(generic, BUILD, GENERIC)                                         \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma\")")                       \
+  AMOS_NATIVE_BUILD_IN(avx2, BUILD, AVX2)                                               \
+  _Pragma("GCC pop_options")                                                            \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl\")")      \
+  AMOS_NATIVE_BUILD_IN(avx512, BUILD, AVX512)                                           \
+  _Pragma("GCC pop_options")
+#define AMOS_NATIVE_BUILDS {avx512::kBuild, avx2::kBuild, generic::kBuild}
 #else
 #define AMOS_NATIVE_X86 0
+#define AMOS_NATIVE_PER_ISA(BUILD, GENERIC, AVX2, AVX512)                               \
+  AMOS_NATIVE_BUILD_IN(generic, BUILD, GENERIC)
+#define AMOS_NATIVE_BUILDS {generic::kBuild}
 #endif
 
 #endif  // AMOS_JAX_NATIVE_ISA_H_

@@ -125,39 +125,19 @@ using BackwardFn = void (*)(const float* x, const float* stats, const float* sca
     }                                                                                    \
   }
 
-namespace generic {
-AMOS_LAYER_NORM(4)
-}  // namespace generic
-
-#if AMOS_NATIVE_X86
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-AMOS_LAYER_NORM(8)
-}  // namespace avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-namespace avx512 {
-AMOS_LAYER_NORM(16)
-}  // namespace avx512
-#pragma GCC pop_options
-#endif
-
 struct Isa {
   const char* name;
   ForwardFn forward;
   BackwardFn backward;
 };
 
-// Best first.
-const Isa kIsas[] = {
-#if AMOS_NATIVE_X86
-    {"avx512", avx512::Forward, avx512::Backward},
-    {"avx2", avx2::Forward, avx2::Backward},
-#endif
-    {"generic", generic::Forward, generic::Backward}};
+#define AMOS_LAYER_NORM_BUILD(W)                                                        \
+  AMOS_LAYER_NORM(W)                                                                    \
+  const Isa kBuild{kName, Forward, Backward};
 
+AMOS_NATIVE_PER_ISA(AMOS_LAYER_NORM_BUILD, (4), (8), (16))
+
+const Isa kIsas[] = AMOS_NATIVE_BUILDS;  // best first
 Isa g_isa = amos_native::Best(kIsas);
 
 bool IsRows(ffi::Span<const int64_t> dims, int64_t rows, int64_t h) {
