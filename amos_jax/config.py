@@ -182,18 +182,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
     raise ConfigError(f"model.dtype={m.dtype!r}: use float32, bfloat16 or float16")
   if str(m.get("remat", "auto")).lower() not in REMAT_CHOICES:
     raise ConfigError(f"model.remat={m.remat!r}: use auto, none, dots_saveable or full")
-  if (m.get("attention_impl") or "auto") not in ATTENTION_IMPLS:
-    raise ConfigError(f"model.attention_impl={m.attention_impl!r}: use one of "
-                      f"{', '.join(ATTENTION_IMPLS)}")
-  if (m.get("dropout_impl") or "auto") not in DROPOUT_IMPLS:
-    raise ConfigError(f"model.dropout_impl={m.dropout_impl!r}: use one of "
-                      f"{', '.join(DROPOUT_IMPLS)}")
-  if (m.get("layer_norm_impl") or "auto") not in LAYER_NORM_IMPLS:
-    raise ConfigError(f"model.layer_norm_impl={m.layer_norm_impl!r}: use one of "
-                      f"{', '.join(LAYER_NORM_IMPLS)}")
-  if (m.get("gelu_impl") or "auto") not in GELU_IMPLS:
-    raise ConfigError(f"model.gelu_impl={m.gelu_impl!r}: use one of "
-                      f"{', '.join(GELU_IMPLS)}")
+  for key, choices in (("attention_impl", ATTENTION_IMPLS), ("dropout_impl", DROPOUT_IMPLS),
+                       ("layer_norm_impl", LAYER_NORM_IMPLS), ("gelu_impl", GELU_IMPLS)):
+    if (m.get(key) or "auto") not in choices:
+      raise ConfigError(f"model.{key}={m.get(key)!r}: use one of {', '.join(choices)}")
   if t.get("rng_impl", "threefry") not in RNG_IMPLS:
     raise ConfigError(f"train.rng_impl={t.rng_impl!r}: use threefry, rbg or unsafe_rbg")
   if c.sharding.get("grad_allreduce", "auto") not in GRAD_ALLREDUCE:

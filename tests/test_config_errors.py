@@ -37,6 +37,8 @@ def _edit(c, path, value):
     ("model.layer_norm_impl", "fast", 1,
      "model.layer_norm_impl='fast': use one of auto, xla, native"),
     ("model.gelu_impl", "tanh", 1, "model.gelu_impl='tanh': use one of auto, xla, native"),
+    ("model.attention_impl", "flash", 1,
+     "model.attention_impl='flash': use one of auto, xla, cudnn, gemm, fused"),
 ])
 def test_validate_names_the_field(field, value, devices, message):
   c = tiny_config("electra")

@@ -4,9 +4,9 @@
 g * GELU'(x) must be the jnp formula's (float32 rounding) and within float32 of a
 float64 erf/exp reference over the whole float range that matters (erf saturating
 past 3.74, exp underflowing far out, zeros), for sizes that are not multiples of the
-vectors, with every kernel the CPU can run; 'auto' must pick it on the CPU in
-float32 and nowhere it cannot run; and a train step must run every GELU's backward
-pass through it with XLA's loss and gradient norm. The library must build here.
+vectors, with every kernel the CPU can run; and a train step must run every GELU's
+backward pass through it with XLA's loss and gradient norm. Where 'auto' picks it:
+tests/test_native_choice.py. The library must build here.
 """
 import math
 
@@ -14,10 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, AxisType
 
 from amos_jax.model import cpu_gelu, native_lib, ops
-from amos_jax.model import rng as rng_lib
 from tests.helpers import each_isa
 
 
@@ -61,29 +59,6 @@ def test_it_is_float32_exact_over_the_range():
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=isa)
   np.testing.assert_allclose(np.asarray(_backward("xla", x, g), np.float64), want,
                              rtol=0, atol=1e-6)
-
-
-def _mesh(**axes):
-  names = tuple(axes)
-  return AbstractMesh(tuple(axes.values()), names, axis_types=(AxisType.Auto,) * len(names))
-
-
-def test_auto_picks_native_only_where_it_runs(caplog):
-  resolve = cpu_gelu.resolve_gelu_impl
-  one = _mesh(data=1, fsdp=1)
-  assert resolve("auto", jnp.float32, "cpu", one) == "native"
-  assert resolve(None, jnp.float32, "cpu", one) == "native"
-  assert resolve("auto", jnp.float32, "gpu", one) == "xla"
-  assert resolve("auto", jnp.bfloat16, "cpu", one) == "xla"
-  assert resolve("auto", jnp.float32, "cpu", _mesh(data=2)) == "xla"
-  assert resolve("xla", jnp.float32, "cpu", one) == "xla"
-  rng_lib.warn_once.cache_clear()
-  with caplog.at_level("WARNING", logger="amos_jax"):
-    assert resolve("native", jnp.float32, "tpu", one) == "xla"
-  assert "gelu_impl=native" in caplog.text and "tpu" in caplog.text
-  with pytest.raises(ValueError, match="gelu_impl='tanh'"):
-    resolve("tanh", jnp.float32, "cpu", one)
-  rng_lib.warn_once.cache_clear()
 
 
 def test_a_train_step_through_it_is_xla_s():

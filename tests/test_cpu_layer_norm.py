@@ -4,19 +4,17 @@
 Forward values and (x, scale, bias) gradients must be the jnp formulas' (float32
 rounding) for widths that are not multiples of the vectors, row counts that are not
 multiples of a chunk, one row and none, with every kernel the CPU can run; the
-parameter gradients must not depend on how the rows were shared among threads;
-'auto' must pick it on the CPU in float32 and nowhere it cannot run; and a train
-step must run every LayerNorm through it with XLA's loss and gradient norm. The
-library must build here.
+parameter gradients must not depend on how the rows were shared among threads; a
+bfloat16 model must keep the jnp formulas; and a train step must run every
+LayerNorm through it with XLA's loss and gradient norm. Where 'auto' picks it:
+tests/test_native_choice.py. The library must build here.
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, AxisType
 
 from amos_jax.model import cpu_layer_norm, native_lib, ops
-from amos_jax.model import rng as rng_lib
 from tests.helpers import each_isa
 
 # (rows..., H): H against the vector widths (16, 8, 4), rows against the 128-row
@@ -80,47 +78,6 @@ def test_parameter_gradients_do_not_depend_on_the_threads():
   for later in runs[1:]:
     for a, b in zip(later, runs[0]):
       np.testing.assert_array_equal(a, b)
-
-
-def _mesh(**axes):
-  names = tuple(axes)
-  return AbstractMesh(tuple(axes.values()), names, axis_types=(AxisType.Auto,) * len(names))
-
-
-def test_auto_picks_native_only_where_it_runs(caplog):
-  resolve = cpu_layer_norm.resolve_layer_norm_impl
-  one = _mesh(data=1, fsdp=1)
-  assert resolve("auto", jnp.float32, "cpu", one) == "native"
-  assert resolve(None, jnp.float32, "cpu", one) == "native"
-  assert resolve("native", jnp.float32, "cpu", one) == "native"
-  # Another backend, another dtype, a mesh XLA partitions itself.
-  assert resolve("auto", jnp.float32, "tpu", one) == "xla"
-  assert resolve("auto", jnp.bfloat16, "cpu", one) == "xla"
-  assert resolve("auto", jnp.float32, "cpu", _mesh(data=2)) == "xla"
-  assert resolve("xla", jnp.float32, "cpu", one) == "xla"
-  manual = AbstractMesh((2,), ("data",), axis_types=(AxisType.Manual,))
-  assert resolve("auto", jnp.float32, "cpu", manual) == "native"
-  rng_lib.warn_once.cache_clear()
-  with caplog.at_level("WARNING", logger="amos_jax"):
-    assert resolve("auto", jnp.bfloat16, "cpu", one) == "xla"
-  assert not caplog.text  # 'auto' is silent where the kernel does not apply by design
-  with caplog.at_level("WARNING", logger="amos_jax"):
-    assert resolve("native", jnp.bfloat16, "cpu", one) == "xla"
-  assert "layer_norm_impl=native" in caplog.text and "bfloat16" in caplog.text
-  with pytest.raises(ValueError, match="layer_norm_impl='fast'"):
-    resolve("fast", jnp.float32, "cpu", one)
-  rng_lib.warn_once.cache_clear()
-
-
-def test_a_library_that_did_not_build_falls_back_to_xla_with_a_warning(monkeypatch, caplog):
-  monkeypatch.setattr(native_lib, "unavailable_reason",
-                      lambda: "RuntimeError: no C++ compiler (c++) was found")
-  rng_lib.warn_once.cache_clear()
-  with caplog.at_level("WARNING", logger="amos_jax"):
-    assert cpu_layer_norm.resolve_layer_norm_impl("auto", jnp.float32, "cpu",
-                                                  _mesh(data=1)) == "xla"
-  assert "did not build" in caplog.text and "no C++ compiler" in caplog.text
-  rng_lib.warn_once.cache_clear()
 
 
 def test_a_bfloat16_model_keeps_the_jnp_formulas():

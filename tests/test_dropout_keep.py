@@ -105,17 +105,6 @@ def test_auto_picks_native_only_where_it_runs(caplog):
   rng_lib.warn_once.cache_clear()
 
 
-def test_a_library_that_did_not_build_falls_back_to_xla_with_a_warning(monkeypatch, caplog):
-  monkeypatch.setattr(native_lib, "unavailable_reason",
-                      lambda: "RuntimeError: no C++ compiler (c++) was found")
-  rng_lib.warn_once.cache_clear()
-  with caplog.at_level("WARNING", logger="amos_jax"):
-    assert rng_lib.resolve_dropout_impl("auto", jax.random.key(0), "cpu",
-                                        _mesh(data=1)) == "xla"
-  assert "did not build" in caplog.text and "no C++ compiler" in caplog.text
-  rng_lib.warn_once.cache_clear()
-
-
 def _electra_step(impl: str):
   from tests.helpers import custom_calls_in_step
   (calls,), metrics = custom_calls_in_step([rng_lib.NATIVE_KEEP], dropout_impl=impl,
