@@ -52,6 +52,9 @@ def test_amos_bench_runs_on_a_tiny_config(one_process):
   assert r["attention_products"].startswith("gemm (") and "attention products" in table
   # With rbg keys (TINY) dropout's masks are XLA's: the native ones hash threefry's.
   assert r["dropout_masks"] == "XLA" and "dropout masks" in table
+  # LayerNorm and GELU's backward pass in float32 on one CPU device: the custom calls.
+  assert r["layer_norm"].startswith("native (") and "layer norm" in table
+  assert r["gelu_backward"].startswith("native (") and "GELU backward" in table
 
 
 @pytest.mark.parametrize("name", ["mlm", "amos"])

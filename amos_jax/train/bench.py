@@ -139,6 +139,12 @@ def matmul_peak(dtype: str, size: int, repeats: int = 5) -> float:
   return 2.0 * size ** 3 / best
 
 
+# The table's rows saying which custom calls of our own the step runs (report key,
+# label); "XLA" where none.
+_NATIVE_ROWS = (("attention_products", "attention products"),
+                ("dropout_masks", "dropout masks"), ("layer_norm", "layer norm"),
+                ("gelu_backward", "GELU backward"))
+
 _HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
 _HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*)$")
 _HLO_ARRAY = re.compile(r"^(\w+)\[([\d,]*)\]\S* (\w[\w-]*)\(([^)]*)\)(.*)$")
@@ -287,10 +293,13 @@ def xla_step_flops(config) -> dict[str, float]:
   unrolled.model.scan_layers = False
   # The whole step's FLOPs: a one-all-reduce step is lowered per device (shard_map).
   unrolled.sharding.grad_allreduce = "per_layer"
-  # A custom call (gemm or cuDNN attention, native dropout masks) has no cost
-  # analysis: XLA's attention is the same products, XLA's masks the same hash.
+  # A custom call (gemm or cuDNN attention, native dropout masks, LayerNorm, GELU)
+  # has no cost analysis: XLA's attention is the same products, XLA's masks the
+  # same hash, XLA's LayerNorm and GELU the same formulas.
   unrolled.model.attention_impl = "xla"
   unrolled.model.dropout_impl = "xla"
+  unrolled.model.layer_norm_impl = "xla"
+  unrolled.model.gelu_impl = "xla"
   cost = compile_train_step(config_lib.freeze(unrolled), lower_only=True)
   # None where the backend's lowering has no cost analysis (libtpu compile-only).
   return {"xla_flops_per_step": cost["xla_flops"] or None,
@@ -314,7 +323,7 @@ def run(config, args) -> dict:
   import jax
   from amos_jax import config as config_lib
   from amos_jax import hostcpu
-  from amos_jax.model import cpu_attention, cpu_matmul, native_lib
+  from amos_jax.model import cpu_attention, cpu_gelu, cpu_layer_norm, cpu_matmul, native_lib
   from amos_jax.model import rng as rng_lib
   from amos_jax.model.partitioning import axis_rules
   from amos_jax.objectives import get_objective
@@ -345,7 +354,9 @@ def run(config, args) -> dict:
   text = compiled.as_text()
   gemm = cpu_matmul.TARGET in text
   fused = cpu_attention.FORWARD in text
-  native_masks = rng_lib.NATIVE_KEEP in text
+
+  def native(target, kernel):
+    return f"native ({native_lib.isa(kernel)})" if target in text else "XLA"
   t = config.train
   med = float(np.median(times))
   device = jax.local_devices()[0]  # memory stats exist for addressable devices only
@@ -360,8 +371,9 @@ def run(config, args) -> dict:
       processes=jax.process_count(),
       attention_products=(f"fused ({cpu_attention.isa()})" if fused else
                           f"gemm ({cpu_matmul.isa()})" if gemm else "XLA"),
-      dropout_masks=(f"native ({native_lib.isa(rng_lib.NATIVE_KEEP)})"
-                     if native_masks else "XLA"),
+      dropout_masks=native(rng_lib.NATIVE_KEEP, rng_lib.NATIVE_KEEP),
+      layer_norm=native(cpu_layer_norm.FORWARD, cpu_layer_norm.KERNEL),
+      gelu_backward=native(cpu_gelu.TARGET, cpu_gelu.KERNEL),
       init_seconds=init_seconds,
       step_seconds_median=med, step_seconds_min=float(min(times)),
       step_seconds_max=float(max(times)),
@@ -486,12 +498,10 @@ def format_table(out: dict) -> str:
         if "init_seconds" in out else []),
       ("model FLOPs / step (analytic)", _fmt(out["model_flops_per_step"], "FLOP")),
       ("XLA FLOPs / step (unrolled HLO)", _fmt(out["xla_flops_per_step"], "FLOP")),
-      *([("attention products", out["attention_products"])]
-        if "attention_products" in out else []),
-      *([("dropout masks", out["dropout_masks"])] if "dropout_masks" in out else []),
+      *[(label, out[key]) for key, label in _NATIVE_ROWS if key in out],
       ("compiled FLOPs / device" + loop_note + (
-          " (custom calls uncounted)" if "native" in out.get("dropout_masks", "XLA")
-          or out.get("attention_products", "XLA") != "XLA" else ""),
+          " (custom calls uncounted)" if any(out.get(key, "XLA") != "XLA"
+                                              for key, _ in _NATIVE_ROWS) else ""),
        _fmt(out["compiled_xla_flops_per_device"], "FLOP")),
       ("compiled bytes accessed / device" + loop_note,
        _fmt(out["compiled_xla_bytes_accessed_per_device"], "B")),
