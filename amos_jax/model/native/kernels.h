@@ -25,7 +25,9 @@
       V bv[VECS];                                                                       \
       for (int v = 0; v < VECS; ++v) std::memcpy(&bv[v], b + p * ldb + j + v * W, sizeof(V)); \
       for (int r = 0; r < ROWS; ++r) {                                                  \
-        const V av = V{} + a[(i0 + r) * ars + p * acs];                                 \
+        /* s - 0 is s exactly, so this is one broadcast; s + 0 (not s for s = -0)  \
+           cost a scalar add before it. */                                              \
+        const V av = a[(i0 + r) * ars + p * acs] - V{};                                 \
         for (int v = 0; v < VECS; ++v) acc[r][v] += av * bv[v];                         \
       }                                                                                 \
     }                                                                                   \
