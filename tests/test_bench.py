@@ -188,3 +188,18 @@ def test_attention_core_benchmark_times_every_form():
   assert out.count("x\n") == 4, out  # four mask shapes, each with its ratio
   for impl in ("xla", "gemm", "fused"):
     assert f"{impl} forward+backward" in out and f"{impl} forward " in out, out
+
+
+def test_layer_norm_benchmark_times_both_forms():
+  """benchmarks/layer_norm_core.py runs (tiny sizes): both widths, both passes, each
+  with XLA's and the native time and their ratio."""
+  import subprocess
+  import sys
+  r = subprocess.run(
+      [sys.executable, f"{ROOT}/benchmarks/layer_norm_core.py", "--batch", "2", "--seq",
+       "8", "--rounds", "2"],
+      capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 0, r.stderr[-2000:]
+  rows = [line for line in r.stdout.splitlines() if line.rstrip().endswith("x")]
+  assert len(rows) == 4, r.stdout  # (2, 8, 256) and (2, 8, 64), forward and both passes
+  assert sum("forward+backward" in row for row in rows) == 2, r.stdout
