@@ -31,9 +31,9 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from amos_jax.config import ATTENTION_IMPLS
-from amos_jax.model import cpu_attention, cpu_matmul, ops
+from amos_jax.model import cpu_attention, cpu_matmul, native_lib, ops
 from amos_jax.model import rng as rng_lib
-from amos_jax.model.partitioning import custom_call_partitioned, mesh_platform
+from amos_jax.model.partitioning import mesh_platform
 
 # The name of gemm attention's logits and context for remat policies: custom-call
 # outputs, which `dots_saveable` does not see as products and would recompute.
@@ -51,16 +51,6 @@ def _cudnn_unavailable(dtype, head_dim: int, platform: str) -> str:
   if head_dim % 8 or head_dim > 256:
     return f"cuDNN attention needs a head width that is a multiple of 8 up to 256, not {head_dim}"
   return ""
-
-
-def _cpu_kernels_unavailable(dtype, platform: str, mesh) -> str:
-  """Why the CPU kernels (gemm, fused) do not apply here ('' when they do; whether
-  their library builds is asked apart)."""
-  if platform != "cpu":
-    return f"the CPU attention kernels run on the CPU, not {platform}"
-  if jnp.dtype(dtype) != jnp.float32:
-    return f"the CPU attention kernels need float32, not {jnp.dtype(dtype).name}"
-  return custom_call_partitioned(mesh)
 
 
 def resolve_implementation(implementation: str | None, dtype, head_dim: int,
@@ -82,7 +72,9 @@ def resolve_implementation(implementation: str | None, dtype, head_dim: int,
     if implementation == "cudnn":
       rng_lib.warn_once(f"model.attention_impl=cudnn: {why}; using XLA attention")
       return "xla"
-  why, failed = _cpu_kernels_unavailable(dtype, platform, mesh), ""
+  why = native_lib.cpu_kernel_unavailable("the CPU attention kernels", dtype, platform,
+                                          mesh)
+  failed = ""
   if not why:
     failed = cpu_matmul.unavailable_reason()
     if not failed:

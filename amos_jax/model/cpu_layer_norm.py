@@ -2,10 +2,10 @@
 bias, eps)`, differentiable.
 
 The forward call computes each row's statistics and output in one pass and keeps
-the statistics ((..., 2): mean, 1/std); the backward call gives (dx, dscale, dbias)
-in one pass over the rows. XLA:CPU runs the statistics as separate reductions and
-dscale and dbias as reductions over the rows, which took about two thirds of a
-(4096, 256) LayerNorm's forward and backward time (BENCHMARKS.md).
+the statistics ((R, 2) for its R rows: mean, 1/std); the backward call gives (dx,
+dscale, dbias) in one pass over the rows. XLA:CPU runs the statistics as separate
+reductions and dscale and dbias as reductions over the rows, which took about two
+thirds of a (4096, 256) LayerNorm's forward and backward time (BENCHMARKS.md).
 `resolve_layer_norm_impl` chooses it (`model.layer_norm_impl`); float32 on the CPU.
 """
 from __future__ import annotations

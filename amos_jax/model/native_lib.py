@@ -162,16 +162,22 @@ def resolve(option: str, implementation: str | None, choices, *, what: str, fall
   current abstract mesh's (the backend's outside a mesh), as attention's choice."""
   implementation = implementation or "auto"
   if implementation not in choices:
-    raise ValueError(f"{option.rsplit('.', 1)[-1]}={implementation!r}: use one of {choices}")
+    key = option.rsplit(".", 1)[-1]
+    raise ValueError(f"{key}={implementation!r}: use one of {choices}")
   if implementation == "xla":
     return "xla"
   mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
   platform = platform or partitioning.mesh_platform(mesh)
-  if not why_not:
-    if platform != "cpu":
-      why_not = f"{what} runs on the CPU, not {platform}"
-    elif jnp.dtype(dtype) != jnp.float32:
-      why_not = f"{what} takes float32, not {jnp.dtype(dtype).name}"
-    else:
-      why_not = partitioning.custom_call_partitioned(mesh)
+  why_not = why_not or cpu_kernel_unavailable(what, dtype, platform, mesh)
   return choose(option, implementation, why_not, fallback)
+
+
+def cpu_kernel_unavailable(what: str, dtype, platform: str, mesh) -> str:
+  """Why a float32 CPU custom call (`what` names it) does not apply here by design:
+  another backend, another dtype, or a program XLA partitions itself; '' where it
+  does (whether the library builds is asked apart)."""
+  if platform != "cpu":
+    return f"{what}: the CPU only, not {platform}"
+  if jnp.dtype(dtype) != jnp.float32:
+    return f"{what}: float32 only, not {jnp.dtype(dtype).name}"
+  return partitioning.custom_call_partitioned(mesh)
